@@ -1,0 +1,169 @@
+"""ContinualClassifier: an encoder (timm, by name) and the head the scenario needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from app.encoders import create_encoder, feature_dim
+from app.metrics import ExperienceAccuracy
+from datamodules.continual import experience_of
+
+Batch = dict[str, Tensor]
+# A named extra loss a callback registers: (batch, outputs) -> scalar. Outputs hold "logits"
+# and "features" of the current forward pass.
+LossTerm = Callable[[Batch, dict[str, Tensor]], Tensor]
+BatchTransform = Callable[[Batch], Batch]
+
+
+class ContinualClassifier(LightningModule):
+    """Image classifier for class-, task- and domain-incremental streams.
+
+    Heads: one shared head when the stream has a single task label (class-/domain-
+    incremental); one head per task, selected by each sample's task label, when it has
+    several (task-incremental, multi-head). With ``mask_unseen_classes`` the logits of classes
+    not seen yet (per head) are masked, which equals Avalanche's growing
+    ``IncrementalClassifier`` without rebuilding layers or optimizer state.
+
+    Strategies act through two extension points that callbacks fill at ``setup``:
+    ``loss_terms`` (named extra losses, summed into the loss and logged as
+    ``train/loss_<name>``) and ``batch_transforms`` (applied to each training batch on the
+    device before the forward pass, e.g. replay).
+
+    Args:
+        encoder: a timm model name (``mneme_mlp``, ``mneme_cnn``, ``resnet18``, ...).
+        encoder_args: keyword arguments of the timm model (``hidden: [400, 400]``).
+        encoder_weights: a local checkpoint file for the encoder.
+        optimizer: optimizer class and arguments (``class_path: torch.optim.SGD``).
+        reset_optimizer: clear the optimizer state (momentum, Adam moments) at each
+            experience start; Lightning keeps one optimizer for the whole fit.
+        mask_unseen_classes: restrict predictions to the classes seen so far.
+        multi_head: one head per task; ``None`` decides from the stream's task labels.
+        num_classes, num_tasks, input_shape: read from the datamodule when not given.
+        input_key: the batch key of the input.
+
+    Example (YAML)::
+
+        model:
+          class_path: app.ContinualClassifier
+          init_args:
+            encoder: mneme_mlp
+            encoder_args: {hidden: [400, 400]}
+            optimizer: {class_path: torch.optim.SGD, init_args: {lr: 0.01, momentum: 0.9}}
+    """
+
+    def __init__(
+        self,
+        encoder: str = "mneme_mlp",
+        encoder_args: dict[str, Any] | None = None,
+        encoder_weights: str | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        reset_optimizer: bool = False,
+        mask_unseen_classes: bool = True,
+        multi_head: bool | None = None,
+        num_classes: int | None = None,
+        num_tasks: int | None = None,
+        input_shape: Sequence[int] | None = None,
+        input_key: str = "image",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.optimizer_factory = optimizer
+        self.input_key = input_key
+        self.loss_terms: dict[str, LossTerm] = {}
+        self.batch_transforms: dict[str, BatchTransform] = {}
+        self.experience_accuracy: ExperienceAccuracy | None = None
+        self.encoder: nn.Module | None = None
+        if num_classes is not None and input_shape is not None:
+            self._build(num_classes, num_tasks or 1, tuple(input_shape))
+
+    # -- building -------------------------------------------------------------------------
+    def _build(self, num_classes: int, num_tasks: int, input_shape: tuple[int, ...]) -> None:
+        hp = self.hparams
+        self.hparams.update(num_classes=num_classes, num_tasks=num_tasks, input_shape=input_shape)
+        self.num_heads = num_tasks if (hp.multi_head is None or hp.multi_head) else 1
+        self.num_classes = num_classes
+        self.encoder = create_encoder(
+            hp.encoder, input_shape, weights=hp.encoder_weights, **(hp.encoder_args or {})
+        )
+        # All heads in one Linear: one matmul, then each sample picks its task's slice.
+        self.head = nn.Linear(feature_dim(self.encoder, input_shape), self.num_heads * num_classes)
+        self.register_buffer(
+            "class_mask", torch.zeros(self.num_heads, num_classes, dtype=torch.bool)
+        )
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        if self.encoder is None:
+            self._build(datamodule.num_classes, datamodule.num_tasks, datamodule.input_shape)
+        self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        return self.logits(self.encoder(x), task)
+
+    def logits(self, features: Tensor, task: Tensor | None = None) -> Tensor:
+        """Logits of each sample's head, unseen classes masked."""
+        logits = self.head(features)
+        if self.num_heads > 1:
+            heads = task if task is not None else logits.new_zeros(len(logits), dtype=torch.long)
+            logits = logits.view(len(logits), self.num_heads, self.num_classes)
+            logits = logits[torch.arange(len(logits), device=logits.device), heads]
+            mask = self.class_mask[heads]
+        else:
+            mask = self.class_mask[0].expand_as(logits)
+        if self.hparams.mask_unseen_classes:
+            mask = mask | ~mask.any(dim=1, keepdim=True)  # a head with nothing seen: no mask
+            logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+        return logits
+
+    def observe_experience(self, classes: Sequence[int], tasks: Sequence[int]) -> None:
+        """Mark the classes of an experience as seen (idempotent, so safe on resume)."""
+        heads = list(tasks) if self.num_heads > 1 else [0]
+        for head in heads:
+            self.class_mask[head, list(classes)] = True
+
+    # -- training -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        k = experience_of(self.trainer)
+        experience = datamodule.train_experiences[k]
+        self.observe_experience(experience.classes, experience.tasks)
+        first_epoch = self.trainer.current_epoch % datamodule.epochs_per_experience == 0
+        if self.hparams.reset_optimizer and first_epoch and k > 0:
+            for optimizer in self.trainer.optimizers:
+                optimizer.state.clear()
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        for transform in self.batch_transforms.values():
+            batch = transform(batch)
+        features = self.encoder(batch[self.input_key])
+        logits = self.logits(features, batch["task"])
+        loss = F.cross_entropy(logits, batch["label"])
+        size = len(logits)
+        self.log("train/loss_ce", loss, batch_size=size)
+        outputs = {"logits": logits, "features": features}
+        for name, term in self.loss_terms.items():
+            value = term(batch, outputs)
+            self.log(f"train/loss_{name}", value, batch_size=size)
+            loss = loss + value
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    # -- evaluation -----------------------------------------------------------------------
+    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
+        return self(batch[self.input_key], batch["task"]).argmax(dim=1)
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
+
+    test_step = validation_step
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.optimizer_factory(self.parameters())

@@ -1,0 +1,121 @@
+"""Continual-learning metrics.
+
+``ExperienceAccuracy`` accumulates accuracy per test experience (DDP-safe via torchmetrics state
+sync). The pure functions below reduce an accuracy matrix ``R`` where ``R[k][j]`` is the accuracy
+on test experience ``j`` after training experience ``k``. ``R`` has ``K <= T`` rows of ``T``
+columns (fewer rows when a run stopped early); ``k = K - 1`` denotes the last row.
+
+References: Lopez-Paz & Ranzato 2017 (GEM: ACC, BWT, FWT); Chaudhry et al. 2018 (RWalk: forgetting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+Matrix = Sequence[Sequence[float]]
+
+
+class ExperienceAccuracy(Metric):
+    """Accuracy on each test experience; ``compute()`` is NaN for experiences never updated."""
+
+    full_state_update = False
+    higher_is_better = True
+    is_differentiable = False
+
+    correct: Tensor
+    total: Tensor
+
+    def __init__(self, num_experiences: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_experiences < 1:
+            raise ValueError(f"num_experiences must be >= 1, got {num_experiences}")
+        self.num_experiences = num_experiences
+        zeros = torch.zeros(num_experiences, dtype=torch.float)
+        self.add_state("correct", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("total", default=zeros.clone(), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor, experience: int) -> None:
+        """Add ``(preds == target).sum()`` and ``target.numel()`` to slot ``experience``."""
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
+        if not 0 <= experience < self.num_experiences:
+            raise ValueError(f"experience {experience} out of range [0, {self.num_experiences})")
+        self.correct[experience] += (preds == target).sum().to(self.correct.dtype)
+        self.total[experience] += target.numel()
+
+    def compute(self) -> Tensor:
+        """Return ``correct / total`` per experience, NaN where ``total == 0``."""
+        nan = torch.full_like(self.correct, float("nan"))
+        return torch.where(self.total > 0, self.correct / self.total.clamp_min(1), nan)
+
+
+def _validate(R: Matrix, baseline: Sequence[float] | None = None) -> list[list[float]]:
+    """Return ``R`` as a list of float rows; raise ``ValueError`` if it is not K x T with K <= T."""
+    rows = [[float(x) for x in row] for row in R]
+    if not rows or not rows[0]:
+        raise ValueError("accuracy matrix is empty")
+    T = len(rows[0])
+    if any(len(r) != T for r in rows):
+        raise ValueError(f"accuracy matrix is ragged: row lengths {[len(r) for r in rows]}")
+    if len(rows) > T:
+        raise ValueError(f"accuracy matrix has {len(rows)} rows but only {T} columns")
+    if baseline is not None and len(baseline) != T:
+        raise ValueError(f"baseline has {len(baseline)} entries, expected {T}")
+    return rows
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def average_accuracy(R: Matrix) -> float:
+    """ACC = mean_{j<=k} R[k][j] (GEM, Lopez-Paz & Ranzato 2017)."""
+    R = _validate(R)
+    k = len(R) - 1
+    return _mean(R[k][: k + 1])
+
+
+def forgetting(R: Matrix) -> float | None:
+    """F = mean_{j<k} (max_{l in [j, k-1]} R[l][j] - R[k][j]) (RWalk, Chaudhry et al. 2018)."""
+    R = _validate(R)
+    k = len(R) - 1
+    if k == 0:
+        return None
+    return _mean([max(R[i][j] for i in range(j, k)) - R[k][j] for j in range(k)])
+
+
+def backward_transfer(R: Matrix) -> float | None:
+    """BWT = mean_{j<k} (R[k][j] - R[j][j]) (GEM, Lopez-Paz & Ranzato 2017)."""
+    R = _validate(R)
+    k = len(R) - 1
+    if k == 0:
+        return None
+    return _mean([R[k][j] - R[j][j] for j in range(k)])
+
+
+def forward_transfer(R: Matrix, baseline: Sequence[float] | None) -> float | None:
+    """FWT = mean_{1<=j<=k} (R[j-1][j] - b[j]), b = accuracies at random init (GEM)."""
+    R = _validate(R, baseline)
+    k = len(R) - 1
+    if k == 0 or baseline is None:
+        return None
+    return _mean([R[j - 1][j] - float(baseline[j]) for j in range(1, k + 1)])
+
+
+def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, Any]:
+    """All metrics of ``R`` as a JSON-serializable dict of plain Python values."""
+    R = _validate(R, baseline)
+    return {
+        "accuracy_matrix": R,
+        "average_accuracy": average_accuracy(R),
+        "average_accuracy_per_experience": [average_accuracy(R[: i + 1]) for i in range(len(R))],
+        "forgetting": forgetting(R),
+        "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R, baseline),
+        "baseline": None if baseline is None else [float(b) for b in baseline],
+    }

@@ -1,0 +1,274 @@
+"""A LightningDataModule that serves any Avalanche benchmark stream, one experience at a time."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from torch.utils.data import DataLoader
+
+from datamodules.tensor_batches import Batch, TensorBatches
+
+DEFAULT_BENCHMARK = {"class_path": "datamodules.SplitDigits", "init_args": {"n_experiences": 5}}
+LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # what Trainer(max_epochs=None) turns into
+
+
+def experience_of(trainer: Trainer) -> int:
+    """The experience the running epoch trains on: ``current_epoch // epochs_per_experience``.
+
+    Valid inside epoch hooks, where ``current_epoch`` is the running epoch. A pure function of
+    Lightning's own counter, so a resumed run needs no bookkeeping of its own.
+    """
+    return trainer.current_epoch // trainer.datamodule.epochs_per_experience
+
+
+def resolve_benchmark(spec: dict[str, Any]) -> Callable[..., Any]:
+    """Import ``spec['class_path']`` (a benchmark class or factory function) and check that
+    ``spec['init_args']`` fits its signature, with an error that names the field."""
+    unknown = set(spec) - {"class_path", "init_args"}
+    if "class_path" not in spec or unknown:
+        raise ValueError(
+            "data.benchmark: give 'class_path' (e.g. avalanche.benchmarks.classic.SplitMNIST) "
+            f"and optionally 'init_args'; got keys {sorted(spec)}"
+        )
+    module_name, _, attr = spec["class_path"].rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(
+            f"data.benchmark.class_path: cannot import '{spec['class_path']}'; name a benchmark "
+            "such as avalanche.benchmarks.classic.SplitMNIST or datamodules.SplitDigits"
+        ) from None
+    try:
+        inspect.signature(factory).bind(**spec.get("init_args", {}))
+    except TypeError as err:
+        raise ValueError(f"data.benchmark.init_args: {err} (for {spec['class_path']})") from None
+    return factory
+
+
+@dataclass
+class Experience:
+    """One experience held as tensors, with what a model needs to know about it."""
+
+    tensors: Batch
+    classes: list[int]
+    tasks: list[int]
+
+
+def materialize(dataset, input_key: str) -> Experience:
+    """Read an Avalanche dataset once into contiguous tensors (``[x, y, t]`` per sample)."""
+    xs, ys, ts = [], [], []
+    for sample in DataLoader(dataset, batch_size=1024, num_workers=0):
+        xs.append(sample[0])
+        ys.append(torch.as_tensor(sample[1]))
+        ts.append(torch.as_tensor(sample[2]) if len(sample) > 2 else torch.zeros_like(ys[-1]))
+    label, task = torch.cat(ys).long(), torch.cat(ts).long()
+    return Experience(
+        tensors={input_key: torch.cat(xs).contiguous(), "label": label, "task": task},
+        classes=sorted(label.unique().tolist()),
+        tasks=sorted(task.unique().tolist()),
+    )
+
+
+class ContinualDataModule(LightningDataModule):
+    """Serves an Avalanche benchmark: the current training experience, every test experience.
+
+    One ``fit`` trains the whole stream: experience ``k`` covers epochs
+    ``[k * epochs_per_experience, (k + 1) * epochs_per_experience)``. ``setup`` sets the trainer
+    so that this holds (``max_epochs`` from the stream length unless the user set it,
+    training data reloaded each epoch, validation at each experience end).
+
+    Args:
+        benchmark: ``{class_path, init_args}`` of any Avalanche benchmark factory or class,
+            classic (``avalanche.benchmarks.classic.SplitMNIST``) or built-in
+            (``datamodules.SplitDigits``, ``SplitMNISTFile``, ``PermutedMNISTFile``).
+        epochs_per_experience: training epochs on each experience.
+        batch_size: training batch size per process.
+        eval_batch_size: validation/test batch size per process.
+        input_key: the batch key of the input (``image``, ``audio``, ...).
+        materialize: hold experiences in memory as tensors and slice batches (fast). Set to
+            False to go through a DataLoader per sample, e.g. for random augmentation.
+        data_on_device: with ``materialize``, keep the tensors on the training device.
+        validate_each_epoch: validate after every epoch, not only at experience ends.
+        seed: seed of the per-epoch shuffling.
+
+    Example (YAML)::
+
+        data:
+          class_path: datamodules.ContinualDataModule
+          init_args:
+            benchmark:
+              class_path: avalanche.benchmarks.classic.SplitMNIST
+              init_args: {n_experiences: 5, dataset_root: data/mnist}
+            epochs_per_experience: 2
+    """
+
+    def __init__(
+        self,
+        benchmark: dict[str, Any] | None = None,
+        epochs_per_experience: int = 1,
+        batch_size: int = 64,
+        eval_batch_size: int = 512,
+        input_key: str = "image",
+        materialize: bool = True,
+        data_on_device: bool = False,
+        num_workers: int = 0,
+        validate_each_epoch: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("epochs_per_experience", epochs_per_experience),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+        ):
+            if value < 1:
+                raise ValueError(f"data.{name}: must be at least 1, got {value}")
+        self.save_hyperparameters()
+        self.benchmark_spec = benchmark or DEFAULT_BENCHMARK
+        self.factory = resolve_benchmark(self.benchmark_spec)
+        self.epochs_per_experience = epochs_per_experience
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.input_key = input_key
+        self.materialize = materialize
+        self.data_on_device = data_on_device
+        self.num_workers = num_workers
+        self.validate_each_epoch = validate_each_epoch
+        self.seed = seed
+        self._scenario = None
+        self.train_experiences: list[Experience] = []
+        self.test_experiences: list[Experience] = []
+
+    # -- the stream ---------------------------------------------------------------------
+    @property
+    def scenario(self):
+        """The Avalanche scenario, built on first use (classic benchmarks download here)."""
+        if self._scenario is None:
+            self._scenario = self.factory(**self.benchmark_spec.get("init_args", {}))
+            self.train_experiences = [
+                materialize(e.dataset, self.input_key) for e in self._scenario.train_stream
+            ]
+            self.test_experiences = [
+                materialize(e.dataset, self.input_key) for e in self._scenario.test_stream
+            ]
+            if any(len(e.tensors["label"]) == 0 for e in self.train_experiences):
+                raise ValueError("data.benchmark: a training experience is empty")
+        return self._scenario
+
+    @property
+    def num_experiences(self) -> int:
+        return len(self.scenario.train_stream)
+
+    @property
+    def num_classes(self) -> int:
+        self.scenario  # noqa: B018 - builds the stream
+        return 1 + max(max(e.classes) for e in self.train_experiences + self.test_experiences)
+
+    @property
+    def num_tasks(self) -> int:
+        self.scenario  # noqa: B018
+        return 1 + max(max(e.tasks) for e in self.train_experiences + self.test_experiences)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.scenario  # noqa: B018
+        return tuple(self.train_experiences[0].tensors[self.input_key].shape[1:])
+
+    # -- Lightning hooks ----------------------------------------------------------------
+    def prepare_data(self) -> None:
+        self.scenario  # noqa: B018 - downloads (classic benchmarks) on one process first
+
+    def setup(self, stage: str) -> None:
+        self.scenario  # noqa: B018
+        trainer = self.trainer
+        if trainer is None:
+            return
+        if self.data_on_device and self.materialize:
+            device = trainer.strategy.root_device
+            for exp in self.train_experiences + self.test_experiences:
+                exp.tensors = {k: v.to(device) for k, v in exp.tensors.items()}
+        if stage == "fit":
+            # Why: the schedule is derived from the epoch counter; these make it hold.
+            stream_epochs = self.num_experiences * self.epochs_per_experience
+            if trainer.fit_loop.max_epochs in (None, -1, LIGHTNING_DEFAULT_MAX_EPOCHS):
+                trainer.fit_loop.max_epochs = stream_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+            if not self.validate_each_epoch:
+                trainer.check_val_every_n_epoch = self.epochs_per_experience
+
+    def upcoming_experience(self) -> int:
+        """The experience of the epoch about to run, when Lightning (re)loads the train data.
+
+        ``epoch_progress.current.processed`` is right at every point Lightning calls
+        ``train_dataloader``, including the restore from an end-of-epoch checkpoint, where
+        ``current_epoch`` still shows the finished epoch (see DESIGN.md).
+        """
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        return min(epoch // self.epochs_per_experience, self.num_experiences - 1)
+
+    def train_dataloader(self):
+        epoch = self.trainer.fit_loop.epoch_progress.current.processed
+        experience = self.upcoming_experience()
+        if self.materialize:
+            return TensorBatches(
+                self.train_experiences[experience].tensors,
+                self.batch_size,
+                shuffle=True,
+                seed=self.seed,
+                epoch=epoch,
+                rank=self.trainer.global_rank,
+                world_size=self.trainer.world_size,
+                pad_shards=True,
+            )
+        dataset = self.scenario.train_stream[experience].dataset
+        return self._dataloader(dataset, self.batch_size, shuffle=True)
+
+    def _eval_dataloaders(self) -> list:
+        if self.materialize:
+            return [
+                TensorBatches(
+                    exp.tensors,
+                    self.eval_batch_size,
+                    rank=self.trainer.global_rank if self.trainer else 0,
+                    world_size=self.trainer.world_size if self.trainer else 1,
+                    pad_shards=False,
+                )
+                for exp in self.test_experiences
+            ]
+        return [
+            self._dataloader(e.dataset, self.eval_batch_size, shuffle=False)
+            for e in self.scenario.test_stream
+        ]
+
+    def val_dataloader(self) -> list:
+        return self._eval_dataloaders()
+
+    def test_dataloader(self) -> list:
+        return self._eval_dataloaders()
+
+    def predict_dataloader(self) -> list:
+        return self._eval_dataloaders()
+
+    def _dataloader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        key = self.input_key
+
+        def to_dict(samples: list) -> Batch:
+            x, y, *t = zip(*samples, strict=False)
+            task = torch.as_tensor(t[0]) if t else torch.zeros(len(y), dtype=torch.long)
+            return {key: torch.stack(x), "label": torch.as_tensor(y), "task": task}
+
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=to_dict,
+            generator=generator,
+        )

@@ -1,0 +1,188 @@
+"""Offline benchmark streams, built with Avalanche's own generators.
+
+Each factory returns an Avalanche scenario (``train_stream``/``test_stream``), exactly like
+``avalanche.benchmarks.classic.SplitMNIST`` does, so the datamodule serves them and the
+classic benchmarks through one path. Tensors are prepared up front (no per-sample
+transforms), so these streams need no download and no file beyond the one named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# The normalization Avalanche's MNIST benchmarks apply (ToTensor + Normalize).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_TRAIN_ROWS = 8000  # convention for mnist10k.npz: first 8,000 rows train, the rest test
+
+
+class LabeledTensors(Dataset):
+    """A tensor dataset with the ``targets`` attribute Avalanche's generators read."""
+
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.inputs = inputs
+        self.targets = targets.long().tolist()
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int):
+        return self.inputs[index], self.targets[index]
+
+
+def _split_benchmark(
+    train: LabeledTensors,
+    test: LabeledTensors,
+    n_experiences: int,
+    return_task_id: bool,
+    seed: int | None,
+    fixed_class_order: Sequence[int] | None,
+    class_ids_from_zero_in_each_exp: bool,
+):
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+
+    return nc_benchmark(
+        train_dataset=train,
+        test_dataset=test,
+        n_experiences=n_experiences,
+        task_labels=return_task_id,
+        seed=seed,
+        fixed_class_order=fixed_class_order,
+        class_ids_from_zero_in_each_exp=class_ids_from_zero_in_each_exp,
+    )
+
+
+def load_digits_tensors(test_size: float = 0.25, seed: int = 0):
+    """scikit-learn's 1,797 real 8x8 digits as ``(train, test)`` datasets, stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target)
+    idx_train, idx_test = train_test_split(
+        np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=digits.target
+    )
+    return (
+        LabeledTensors(images[idx_train], labels[idx_train]),
+        LabeledTensors(images[idx_test], labels[idx_test]),
+    )
+
+
+def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
+    n_experiences: int = 5,
+    *,
+    return_task_id: bool = False,
+    seed: int | None = 0,
+    fixed_class_order: Sequence[int] | None = None,
+    class_ids_from_zero_in_each_exp: bool = False,
+    test_size: float = 0.25,
+):
+    """Class- (or task-) incremental split of scikit-learn's 8x8 digits: the embedded default.
+
+    Example (YAML)::
+
+        data:
+          benchmark:
+            class_path: datamodules.SplitDigits
+            init_args: {n_experiences: 5, seed: 0}
+    """
+    train, test = load_digits_tensors(test_size=test_size, seed=0)
+    return _split_benchmark(
+        train,
+        test,
+        n_experiences,
+        return_task_id,
+        seed,
+        fixed_class_order,
+        class_ids_from_zero_in_each_exp,
+    )
+
+
+def load_mnist_npz(path: str | Path):
+    """``(train, test)`` datasets from an ``.npz`` with ``images`` (N, 28, 28) and ``labels``.
+
+    The first 8,000 rows train, the rest test (the convention of ``mnist10k.npz``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"benchmark.init_args.path: no file at '{path}'; point it at an .npz with "
+            "'images' and 'labels' arrays (e.g. ../shared/data/mnist10k.npz)"
+        )
+    with np.load(path) as arrays:
+        missing = {"images", "labels"} - set(arrays.files)
+        if missing:
+            raise ValueError(
+                f"benchmark.init_args.path: '{path}' lacks the arrays {sorted(missing)}; "
+                f"it has {sorted(arrays.files)}. Save it with np.savez(path, images=..., labels=...)"
+            )
+        images, labels = arrays["images"], arrays["labels"]
+    if images.ndim != 3 or len(images) != len(labels) or len(images) <= MNIST_TRAIN_ROWS:
+        raise ValueError(
+            f"benchmark.init_args.path: '{path}' has images of shape {images.shape} and "
+            f"{len(labels)} labels; expected (N, H, W) images, one label each, N > "
+            f"{MNIST_TRAIN_ROWS}"
+        )
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = (x - MNIST_MEAN) / MNIST_STD
+    y = torch.from_numpy(labels.astype(np.int64))
+    n = MNIST_TRAIN_ROWS
+    return LabeledTensors(x[:n], y[:n]), LabeledTensors(x[n:], y[n:])
+
+
+def SplitMNISTFile(  # noqa: N802
+    path: str,
+    n_experiences: int = 5,
+    *,
+    return_task_id: bool = False,
+    seed: int | None = 0,
+    fixed_class_order: Sequence[int] | None = None,
+    class_ids_from_zero_in_each_exp: bool = False,
+):
+    """Class- (or task-) incremental split MNIST read from a local ``.npz`` file."""
+    train, test = load_mnist_npz(path)
+    return _split_benchmark(
+        train,
+        test,
+        n_experiences,
+        return_task_id,
+        seed,
+        fixed_class_order,
+        class_ids_from_zero_in_each_exp,
+    )
+
+
+def PermutedMNISTFile(  # noqa: N802
+    path: str,
+    n_experiences: int = 5,
+    *,
+    return_task_id: bool = False,
+    seed: int | None = 0,
+):
+    """Domain-incremental permuted MNIST from a local ``.npz``: one fixed pixel permutation
+    per experience, all ten classes in each (as ``avalanche.benchmarks.classic.PermutedMNIST``).
+    """
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+
+    train, test = load_mnist_npz(path)
+    rng = np.random.RandomState(seed)
+    trains, tests = [], []
+    for _ in range(n_experiences):
+        perm = torch.from_numpy(rng.permutation(train.inputs[0].numel()))
+        for source, out in ((train, trains), (test, tests)):
+            flat = source.inputs.flatten(1)[:, perm].view_as(source.inputs)
+            out.append(LabeledTensors(flat, torch.tensor(source.targets)))
+    return nc_benchmark(
+        trains,
+        tests,
+        n_experiences=n_experiences,
+        task_labels=return_task_id,
+        shuffle=False,
+        class_ids_from_zero_in_each_exp=True,
+        one_dataset_per_exp=True,
+    )
