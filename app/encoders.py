@@ -70,31 +70,25 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _no_pretrained(pretrained: bool, name: str) -> None:
+def _own_kwargs(pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop the arguments timm's factory passes to every entrypoint (pretrained_cfg, ...)."""
     if pretrained:
         raise ValueError(
-            f"model.encoder: '{name}' has no published weights; use encoder_weights: <file>"
+            "model.encoder: mneme models have no published weights; use encoder_weights"
         )
+    return {k: v for k, v in kwargs.items() if not k.startswith("pretrained_") and k != "cache_dir"}
 
 
 @register_model
 def mneme_mlp(
     pretrained: bool = False, *, in_chans: int = 1, img_size: int | Sequence[int] = 28, **kwargs
 ) -> MLPEncoder:
-    _no_pretrained(pretrained, "mneme_mlp")
-    kwargs = {
-        k: v for k, v in kwargs.items() if not k.startswith("pretrained_") and k != "cache_dir"
-    }
-    return MLPEncoder(in_chans=in_chans, img_size=img_size, **kwargs)
+    return MLPEncoder(in_chans=in_chans, img_size=img_size, **_own_kwargs(pretrained, kwargs))
 
 
 @register_model
 def mneme_cnn(pretrained: bool = False, *, in_chans: int = 1, **kwargs) -> SmallCNN:
-    _no_pretrained(pretrained, "mneme_cnn")
-    kwargs = {
-        k: v for k, v in kwargs.items() if not k.startswith("pretrained_") and k != "cache_dir"
-    }
-    return SmallCNN(in_chans=in_chans, **kwargs)
+    return SmallCNN(in_chans=in_chans, **_own_kwargs(pretrained, kwargs))
 
 
 def create_encoder(

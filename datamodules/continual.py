@@ -142,50 +142,53 @@ class ContinualDataModule(LightningDataModule):
         self.validate_each_epoch = validate_each_epoch
         self.seed = seed
         self._scenario = None
-        self.train_experiences: list[Experience] = []
-        self.test_experiences: list[Experience] = []
+        self._train: list[Experience] = []
+        self._test: list[Experience] = []
 
-    # -- the stream ---------------------------------------------------------------------
+    # -- the stream (built on first use: classic benchmarks download here) ----------------
     @property
     def scenario(self):
-        """The Avalanche scenario, built on first use (classic benchmarks download here)."""
+        """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
-            self._scenario = self.factory(**self.benchmark_spec.get("init_args", {}))
-            self.train_experiences = [
-                materialize(e.dataset, self.input_key) for e in self._scenario.train_stream
-            ]
-            self.test_experiences = [
-                materialize(e.dataset, self.input_key) for e in self._scenario.test_stream
-            ]
-            if any(len(e.tensors["label"]) == 0 for e in self.train_experiences):
+            scenario = self.factory(**self.benchmark_spec.get("init_args", {}))
+            self._train = [materialize(e.dataset, self.input_key) for e in scenario.train_stream]
+            self._test = [materialize(e.dataset, self.input_key) for e in scenario.test_stream]
+            if any(len(e.tensors["label"]) == 0 for e in self._train):
                 raise ValueError("data.benchmark: a training experience is empty")
+            self._scenario = scenario
         return self._scenario
 
     @property
+    def train_experiences(self) -> list[Experience]:
+        self.scenario  # noqa: B018 - builds the stream on first use
+        return self._train
+
+    @property
+    def test_experiences(self) -> list[Experience]:
+        self.scenario  # noqa: B018
+        return self._test
+
+    @property
     def num_experiences(self) -> int:
-        return len(self.scenario.train_stream)
+        return len(self.train_experiences)
 
     @property
     def num_classes(self) -> int:
-        self.scenario  # noqa: B018 - builds the stream
         return 1 + max(max(e.classes) for e in self.train_experiences + self.test_experiences)
 
     @property
     def num_tasks(self) -> int:
-        self.scenario  # noqa: B018
         return 1 + max(max(e.tasks) for e in self.train_experiences + self.test_experiences)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        self.scenario  # noqa: B018
         return tuple(self.train_experiences[0].tensors[self.input_key].shape[1:])
 
     # -- Lightning hooks ----------------------------------------------------------------
     def prepare_data(self) -> None:
-        self.scenario  # noqa: B018 - downloads (classic benchmarks) on one process first
+        self.scenario  # noqa: B018 - classic benchmarks download on one process first
 
     def setup(self, stage: str) -> None:
-        self.scenario  # noqa: B018
         trainer = self.trainer
         if trainer is None:
             return

@@ -118,8 +118,8 @@ def load_mnist_npz(path: str | Path):
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
             raise ValueError(
-                f"benchmark.init_args.path: '{path}' lacks the arrays {sorted(missing)}; "
-                f"it has {sorted(arrays.files)}. Save it with np.savez(path, images=..., labels=...)"
+                f"benchmark.init_args.path: '{path}' lacks arrays {sorted(missing)}; "
+                f"it has {sorted(arrays.files)}; save with np.savez(path, images=..., labels=...)"
             )
         images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or len(images) != len(labels) or len(images) <= MNIST_TRAIN_ROWS:

@@ -1,0 +1,104 @@
+"""The experience schedule: one fit over the stream, right after a resume from any epoch."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from app import ContinualClassifier
+from callbacks import ExperienceCallback
+from datamodules import ContinualDataModule
+from tests.conftest import digits_benchmark
+
+EXPERIENCES, EPOCHS = 5, 2
+
+
+class RecordTraining(ExperienceCallback):
+    """Records which classes each epoch trained on, and the experience hooks as they fire."""
+
+    def __init__(self):
+        self.classes_per_epoch: dict[int, set[int]] = {}
+        self.events: list[tuple[str, int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        seen = self.classes_per_epoch.setdefault(trainer.current_epoch, set())
+        seen.update(batch["label"].tolist())
+
+    def on_experience_start(self, trainer, pl_module, experience):
+        self.events.append(("start", experience, trainer.current_epoch))
+
+    def on_experience_end(self, trainer, pl_module, experience):
+        self.events.append(("end", experience, trainer.current_epoch))
+
+
+def make_run(tmp_path, *callbacks: Callback, **module_args):
+    datamodule = ContinualDataModule(
+        digits_benchmark(EXPERIENCES), epochs_per_experience=EPOCHS, batch_size=64
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=list(callbacks),
+    )
+    return trainer, ContinualClassifier(**module_args), datamodule
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("schedule")
+    record = RecordTraining()
+    checkpoint = ModelCheckpoint(
+        dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_on_train_epoch_end=True
+    )
+    trainer, module, datamodule = make_run(tmp_path, record, checkpoint)
+    trainer.fit(module, datamodule)
+    expected = {
+        epoch: set(datamodule.train_experiences[epoch // EPOCHS].classes)
+        for epoch in range(EXPERIENCES * EPOCHS)
+    }
+    return tmp_path, record, expected
+
+
+def test_one_fit_trains_each_experience_for_its_epochs(full_run):
+    _, record, expected = full_run
+    assert record.classes_per_epoch == expected
+    expected_events = []
+    for k in range(EXPERIENCES):
+        expected_events += [("start", k, k * EPOCHS), ("end", k, k * EPOCHS + EPOCHS - 1)]
+    assert record.events == expected_events
+
+
+@pytest.mark.parametrize("resume_epoch", range(EXPERIENCES * EPOCHS - 1))
+def test_resume_from_every_epoch_end_trains_the_right_experience(full_run, resume_epoch):
+    tmp_path, _, expected = full_run
+    record = RecordTraining()
+    trainer, module, datamodule = make_run(tmp_path / f"resume{resume_epoch}", record)
+    trainer.fit(module, datamodule, ckpt_path=tmp_path / f"epoch={resume_epoch}.ckpt")
+    resumed = range(resume_epoch + 1, EXPERIENCES * EPOCHS)
+    assert record.classes_per_epoch == {epoch: expected[epoch] for epoch in resumed}
+    starts = [e for e in record.events if e[0] == "start"]
+    assert starts == [("start", ep // EPOCHS, ep) for ep in resumed if ep % EPOCHS == 0]
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_optimizer_clears_momentum_at_experience_start(tmp_path, reset):
+    class FirstBatchState(Callback):  # runs after the module's on_train_epoch_start
+        def __init__(self):
+            self.sizes = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.sizes.setdefault(trainer.current_epoch, len(trainer.optimizers[0].state))
+
+    probe = FirstBatchState()
+    optimizer = lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9)  # noqa: E731
+    trainer, module, datamodule = make_run(
+        tmp_path, probe, reset_optimizer=reset, optimizer=optimizer
+    )
+    trainer.fit(module, datamodule)
+    assert probe.sizes[0] == 0 and probe.sizes[1] > 0 and probe.sizes[3] > 0
+    experience_starts = [probe.sizes[2], probe.sizes[4]]
+    assert experience_starts == [0, 0] if reset else all(experience_starts)
