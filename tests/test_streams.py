@@ -31,10 +31,10 @@ def test_split_digits_task_incremental_has_one_task_per_experience():
 
 
 def test_seed_changes_class_order():
-    order = lambda seed: [
-        ContinualDataModule(digits_benchmark(5, seed=seed)).train_experiences[0].classes
-    ]  # noqa: E501, E731
-    assert order(0) != order(3)
+    def first_classes(seed):
+        return ContinualDataModule(digits_benchmark(5, seed=seed)).train_experiences[0].classes
+
+    assert first_classes(0) != first_classes(3)
 
 
 @needs_mnist
@@ -66,7 +66,7 @@ def test_permuted_mnist_file_is_domain_incremental():
     assert torch.allclose(x0.flatten(1).sort(1).values, x1.flatten(1).sort(1).values)  # ... only
     assert torch.equal(
         dm.train_experiences[0].tensors["label"], dm.train_experiences[1].tensors["label"]
-    )  # noqa: E501
+    )
 
 
 def test_tensor_batches_cover_each_sample_once_and_reshuffle_per_epoch():
@@ -112,5 +112,5 @@ def test_classic_avalanche_benchmark_resolves_by_import_path():
     spec = {
         "class_path": "avalanche.benchmarks.classic.SplitMNIST",
         "init_args": {"n_experiences": 5},
-    }  # noqa: E501
+    }
     assert resolve_benchmark(spec) is SplitMNIST
