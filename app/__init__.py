@@ -1,5 +1,15 @@
-"""Mneme LightningModules: encoders, continual classifier, the CLI."""
+"""Mneme LightningModules: encoders, continual classifier, the CLI.
 
-from app.classifier import ContinualClassifier
+Exports resolve lazily (PEP 562) so that ``mneme --help`` does not import Lightning.
+"""
 
-__all__ = ["ContinualClassifier"]
+import importlib
+
+_EXPORTS = {"ContinualClassifier": "app.classifier"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'app' has no attribute {name!r}")

@@ -1,0 +1,100 @@
+"""The `mneme` command end to end, in subprocesses, as a user runs it."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+
+
+def mneme(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def only_version(save_dir: Path) -> Path:
+    (version,) = (save_dir / "quickstart").iterdir()
+    return version
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("fit")
+    out = mneme(
+        "fit", "--config", str(QUICKSTART), "--data.epochs_per_experience", "2", cwd=cwd
+    ).stdout
+    return cwd, only_version(cwd / "logs"), out
+
+
+def test_help_is_quick_and_imports_nothing_heavy():
+    code = "import sys; from app.cli import main; main(['--help']); assert 'lightning' not in sys.modules and 'torch' not in sys.modules"  # noqa: E501
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fit" in result.stdout and "test" in result.stdout
+
+
+def test_fit_writes_the_accuracy_matrix_json(quickstart_run):
+    _, log_dir, stdout = quickstart_run
+    metrics = json.loads((log_dir / "continual_metrics.json").read_text())
+    assert {"accuracy_matrix", "average_accuracy", "forgetting", "bwt", "fwt"} <= set(metrics)
+    matrix = metrics["accuracy_matrix"]
+    assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
+    assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
+    assert all(matrix[k][k] > 0.8 for k in range(5))  # each experience is learned
+    final = matrix[-1]
+    assert metrics["average_accuracy"] == pytest.approx(sum(final) / 5)
+    assert "Accuracy matrix" in stdout
+
+
+def test_fit_logs_scalars_heatmap_and_hparams_to_tensorboard(quickstart_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, log_dir, _ = quickstart_run
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    expected = ["acc_exp0", "acc_exp4", "average_accuracy", "forgetting", "bwt", "fwt"]
+    for tag in [f"continual/{name}" for name in expected] + ["train/loss"]:
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("continual/acc_exp0")] == [0, 1, 2, 3, 4]
+    assert "continual/accuracy_matrix" in events.Tags()["images"]
+    hparams = (log_dir / "hparams.yaml").read_text()
+    assert "epochs_per_experience: 2" in hparams and "encoder: mneme_mlp" in hparams
+
+
+def test_test_subcommand_evaluates_a_checkpoint_on_the_whole_stream(quickstart_run):
+    cwd, log_dir, _ = quickstart_run
+    mneme(
+        "test",
+        "--config",
+        str(QUICKSTART),
+        "--ckpt_path",
+        str(log_dir / "checkpoints" / "last.ckpt"),
+        cwd=cwd,
+    )  # noqa: E501
+    test_dir = max((cwd / "logs" / "quickstart").iterdir(), key=lambda p: int(p.name.split("_")[1]))
+    assert test_dir != log_dir  # a new version: the fit's logs stay untouched
+    result = json.loads((test_dir / "test_metrics.json").read_text())
+    final_row = json.loads((log_dir / "continual_metrics.json").read_text())["accuracy_matrix"][-1]
+    assert result["accuracy"] == pytest.approx(final_row)
+    assert result["average_accuracy"] == pytest.approx(sum(final_row) / len(final_row))
+
+
+def test_print_config_round_trip_runs(tmp_path):
+    printed = mneme("fit", "--config", str(QUICKSTART), "--print_config", cwd=tmp_path).stdout
+    config = tmp_path / "printed.yaml"
+    config.write_text(printed)
+    assert "datamodules.SplitDigits" in printed and "app.ContinualClassifier" in printed
+    mneme("fit", "--config", str(config), "--data.epochs_per_experience", "1", cwd=tmp_path)
+    metrics = json.loads((only_version(tmp_path / "logs") / "continual_metrics.json").read_text())
+    assert len(metrics["accuracy_matrix"]) == 5
