@@ -62,7 +62,8 @@ class ContinualMetrics(Callback):
         accuracy = _compute_and_reset(pl_module)
         if trainer.sanity_checking:
             return
-        pl_module.log_dict({f"val/acc_exp{j}": a for j, a in enumerate(accuracy)})
+        # Already synced by the metric; sync_dist only tells Lightning so (no warning).
+        pl_module.log_dict({f"val/acc_exp{j}": a for j, a in enumerate(accuracy)}, sync_dist=True)
         if trainer.state.fn != TrainerFn.FITTING:  # `mneme validate`
             self._report(trainer, "validation", accuracy)
             return
@@ -151,13 +152,12 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-@rank_zero_only
 def _write_json(trainer: Trainer, name: str, payload: dict[str, Any]) -> None:
-    if trainer.log_dir is None:
-        return
-    path = Path(trainer.log_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, allow_nan=False))
+    log_dir = trainer.log_dir  # on every rank: under DDP this is a collective broadcast
+    if log_dir is not None and trainer.is_global_zero:
+        path = Path(log_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, allow_nan=False))
 
 
 @rank_zero_only

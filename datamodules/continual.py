@@ -8,6 +8,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Why import avalanche here: importing it for the first time inside a DDP worker, after the
+# process group exists, raises in its default logger ("creating a logger in a non-main
+# process"). Importing it with this module happens before Lightning starts the group.
+import avalanche.benchmarks  # noqa: F401
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from torch.utils.data import DataLoader

@@ -98,3 +98,19 @@ def test_print_config_round_trip_runs(tmp_path):
     mneme("fit", "--config", str(config), "--data.epochs_per_experience", "1", cwd=tmp_path)
     metrics = json.loads((only_version(tmp_path / "logs") / "continual_metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 5
+
+
+def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
+    """The real launcher (it re-runs the `mneme` script per rank), gloo, 2 processes."""
+    mneme_script = Path(sys.executable).parent / "mneme"
+    args = ["fit", "--config", str(QUICKSTART), "--trainer.strategy", "ddp",
+            "--trainer.devices", "2", "--trainer.accelerator", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(
+        [str(mneme_script), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((only_version(tmp_path / "logs") / "continual_metrics.json").read_text())
+    matrix = metrics["accuracy_matrix"]
+    assert len(matrix) == 5 and all(matrix[k][k] > 0.6 for k in range(5))

@@ -19,7 +19,8 @@ def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     code = "import sys; from app.cli import main; main(sys.argv[1:])"
     args = ["fit", "--config", str(CONFIG), "--trainer.deterministic", "true",
-            "--trainer.logger.init_args.name", name, "--data.epochs_per_experience", "2"]  # fmt: skip
+            "--trainer.logger.init_args.name", name,
+            "--data.epochs_per_experience", "2"]  # fmt: skip
     return subprocess.run(
         [sys.executable, "-c", code, *args, *extra],
         cwd=cwd, env=env, capture_output=True, text=True,
