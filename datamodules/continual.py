@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ from typing import Any
 import avalanche.benchmarks  # noqa: F401
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.tensor_batches import Batch, TensorBatches
@@ -64,18 +65,29 @@ class Experience:
     tasks: list[int]
 
 
-def materialize(dataset, input_key: str) -> Experience:
-    """Read an Avalanche dataset once into contiguous tensors (``[x, y, t]`` per sample)."""
-    xs, ys, ts = [], [], []
+def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
+    """Read an Avalanche dataset once into contiguous tensors, one per named sample field.
+
+    Avalanche yields tuples such as ``[x, y, t]``; ``sample_keys`` names their positions
+    (``["image", "label", "task"]``, or ``["image", "text", "label", "task"]`` for a
+    captioned stream). A sample without a task label gets task 0.
+    """
+    columns: dict[str, list[Tensor]] = {key: [] for key in sample_keys}
     for sample in DataLoader(dataset, batch_size=1024, num_workers=0):
-        xs.append(sample[0])
-        ys.append(torch.as_tensor(sample[1]))
-        ts.append(torch.as_tensor(sample[2]) if len(sample) > 2 else torch.zeros_like(ys[-1]))
-    label, task = torch.cat(ys).long(), torch.cat(ts).long()
+        if len(sample) not in (len(sample_keys), len(sample_keys) - 1):
+            raise ValueError(
+                f"data.sample_keys: the stream's samples have {len(sample)} fields, "
+                f"but sample_keys names {len(sample_keys)}: {list(sample_keys)}"
+            )
+        for key, value in zip(sample_keys, sample, strict=False):
+            columns[key].append(torch.as_tensor(value))
+    tensors = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
+    tensors["label"] = tensors["label"].long()
+    tensors["task"] = tensors.get("task", torch.zeros_like(tensors["label"])).long()
     return Experience(
-        tensors={input_key: torch.cat(xs).contiguous(), "label": label, "task": task},
-        classes=sorted(label.unique().tolist()),
-        tasks=sorted(task.unique().tolist()),
+        tensors=tensors,
+        classes=sorted(tensors["label"].unique().tolist()),
+        tasks=sorted(tensors["task"].unique().tolist()),
     )
 
 
@@ -94,7 +106,8 @@ class ContinualDataModule(LightningDataModule):
         epochs_per_experience: training epochs on each experience.
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
-        input_key: the batch key of the input (``image``, ``audio``, ...).
+        sample_keys: names of the fields of each sample, in order (must include ``label``;
+            ``task`` may be absent, then 0).
         materialize: hold experiences in memory as tensors and slice batches (fast). Set to
             False to go through a DataLoader per sample, e.g. for random augmentation.
         data_on_device: with ``materialize``, keep the tensors on the training device.
@@ -118,7 +131,7 @@ class ContinualDataModule(LightningDataModule):
         epochs_per_experience: int = 1,
         batch_size: int = 64,
         eval_batch_size: int = 512,
-        input_key: str = "image",
+        sample_keys: Sequence[str] = ("image", "label", "task"),
         materialize: bool = True,
         data_on_device: bool = False,
         num_workers: int = 0,
@@ -139,7 +152,9 @@ class ContinualDataModule(LightningDataModule):
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
-        self.input_key = input_key
+        if "label" not in sample_keys:
+            raise ValueError(f"data.sample_keys: must include 'label', got {list(sample_keys)}")
+        self.sample_keys = list(sample_keys)
         self.materialize = materialize
         self.data_on_device = data_on_device
         self.num_workers = num_workers
@@ -155,8 +170,8 @@ class ContinualDataModule(LightningDataModule):
         """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
             scenario = self.factory(**self.benchmark_spec.get("init_args", {}))
-            self._train = [materialize(e.dataset, self.input_key) for e in scenario.train_stream]
-            self._test = [materialize(e.dataset, self.input_key) for e in scenario.test_stream]
+            self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
+            self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
             if any(len(e.tensors["label"]) == 0 for e in self._train):
                 raise ValueError("data.benchmark: a training experience is empty")
             self._scenario = scenario
@@ -186,7 +201,8 @@ class ContinualDataModule(LightningDataModule):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_experiences[0].tensors[self.input_key].shape[1:])
+        """Shape of one sample of the first field (the input of a classifier)."""
+        return tuple(self.train_experiences[0].tensors[self.sample_keys[0]].shape[1:])
 
     # -- Lightning hooks ----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -263,19 +279,21 @@ class ContinualDataModule(LightningDataModule):
         return self._eval_dataloaders()
 
     def _dataloader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        key = self.input_key
+        keys = self.sample_keys
 
         def to_dict(samples: list) -> Batch:
-            x, y, *t = zip(*samples, strict=False)
-            task = torch.as_tensor(t[0]) if t else torch.zeros(len(y), dtype=torch.long)
-            return {key: torch.stack(x), "label": torch.as_tensor(y), "task": task}
+            fields = [
+                torch.stack([torch.as_tensor(v) for v in f]) for f in zip(*samples, strict=True)
+            ]
+            batch = dict(zip(keys, fields, strict=False))
+            batch.setdefault("task", torch.zeros_like(batch["label"]))
+            return batch
 
-        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=to_dict,
-            generator=generator,
+            generator=torch.Generator().manual_seed(self.seed),
         )
