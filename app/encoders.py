@@ -7,6 +7,7 @@ so ``mneme_mlp``, ``mneme_cnn`` and every timm model (``resnet18``, ``vit_tiny_p
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 from collections.abc import Sequence
@@ -104,10 +105,11 @@ def create_encoder(
     no model name is special-cased here.
     """
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name[:4]}*")[:5]
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
         raise ValueError(
-            f"model.encoder: unknown model '{name}'; use a timm name (timm.list_models()) "
-            f"or mneme_mlp / mneme_cnn{'; close: ' + ', '.join(close) if close else ''}"
+            f"model.encoder: unknown model '{name}'"
+            f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
+            "(any name of timm.list_models(), or mneme_mlp / mneme_cnn)"
         )
     entrypoint = timm.models.model_entrypoint(name)
     if "img_size" in inspect.signature(entrypoint).parameters and len(input_shape) == 3:

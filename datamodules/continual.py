@@ -32,11 +32,21 @@ def experience_of(trainer: Trainer) -> int:
     return trainer.current_epoch // trainer.datamodule.epochs_per_experience
 
 
+def benchmark_arguments(spec: dict[str, Any]) -> dict[str, Any]:
+    """The factory's keyword arguments: ``init_args``, updated by any other key of ``spec``.
+
+    jsonargparse merges a command-line override of a dict-typed option one level deep:
+    ``--data.benchmark.init_args.path X`` arrives as ``spec["path"] = X``. Treating such
+    keys as overrides of ``init_args`` makes that natural override work.
+    """
+    overrides = {k: v for k, v in spec.items() if k not in ("class_path", "init_args")}
+    return {**(spec.get("init_args") or {}), **overrides}
+
+
 def resolve_benchmark(spec: dict[str, Any]) -> Callable[..., Any]:
     """Import ``spec['class_path']`` (a benchmark class or factory function) and check that
-    ``spec['init_args']`` fits its signature, with an error that names the field."""
-    unknown = set(spec) - {"class_path", "init_args"}
-    if "class_path" not in spec or unknown:
+    its arguments fit its signature, with an error that names the field."""
+    if "class_path" not in spec:
         raise ValueError(
             "data.benchmark: give 'class_path' (e.g. avalanche.benchmarks.classic.SplitMNIST) "
             f"and optionally 'init_args'; got keys {sorted(spec)}"
@@ -50,7 +60,7 @@ def resolve_benchmark(spec: dict[str, Any]) -> Callable[..., Any]:
             "such as avalanche.benchmarks.classic.SplitMNIST or datamodules.SplitDigits"
         ) from None
     try:
-        inspect.signature(factory).bind(**spec.get("init_args", {}))
+        inspect.signature(factory).bind(**benchmark_arguments(spec))
     except TypeError as err:
         raise ValueError(f"data.benchmark.init_args: {err} (for {spec['class_path']})") from None
     return factory
@@ -169,7 +179,12 @@ class ContinualDataModule(LightningDataModule):
     def scenario(self):
         """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
-            scenario = self.factory(**self.benchmark_spec.get("init_args", {}))
+            try:
+                scenario = self.factory(**benchmark_arguments(self.benchmark_spec))
+            except (ValueError, TypeError, AssertionError, IndexError) as err:
+                # Avalanche's own checks (e.g. classes not divisible into experiences)
+                name = self.benchmark_spec["class_path"]
+                raise ValueError(f"data.benchmark.init_args: {err} (for {name})") from err
             self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
             self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
             if any(len(e.tensors["label"]) == 0 for e in self._train):

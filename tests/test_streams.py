@@ -99,11 +99,19 @@ def test_tensor_batches_shards_across_ranks():
         ({"class_path": "avalanche.benchmarks.classic.NoSuchBenchmark"}, "class_path"),
         ({"class_path": "datamodules.SplitDigits", "init_args": {"n_exp": 5}}, "init_args"),
         ({"init_args": {}}, "data.benchmark"),
+        ({"class_path": "datamodules.SplitDigits", "n_exp": 5}, "init_args"),
     ],
 )
 def test_bad_benchmark_spec_names_the_field(spec, field):
     with pytest.raises(ValueError, match=field):
         resolve_benchmark(spec)
+
+
+def test_keys_beside_init_args_override_them():
+    from datamodules.continual import benchmark_arguments
+
+    spec = {"class_path": "x", "init_args": {"path": "a", "n_experiences": 5}, "path": "b"}
+    assert benchmark_arguments(spec) == {"path": "b", "n_experiences": 5}
 
 
 def test_classic_avalanche_benchmark_resolves_by_import_path():

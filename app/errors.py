@@ -1,0 +1,85 @@
+"""Turn the errors users meet into one line that names the field and the fix.
+
+jsonargparse reports a bad key of a subclass-typed argument as a nested, multi-line
+explanation (every type it tried, the value's Python type, ...). Users need the key, the
+reason, and a likely correction; nothing in jsonargparse or Lightning condenses that, so it
+is done here. Set ``MNEME_DEBUG=1`` for the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+NOISE = (
+    "Expected a <class 'NoneType'>",
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Does not validate against any of the types",
+    "Validation failed:",
+    "tip: For details",
+)
+MAX_LENGTH = 400
+
+
+def summarize_argument_error(message: str, known_keys: list[str] | None = None) -> str:
+    """One line from a jsonargparse error: the key, the innermost reasons, a suggestion."""
+    if m := re.search(r"unrecognized arguments: (--?[\w.\-]+)", message):
+        key = m.group(1).lstrip("-")
+        return f"{key}: unknown option{_suggest(key, known_keys)}"
+    if m := re.search(r"Key '([\w.]+)' is not expected", message):
+        key = m.group(1)
+        return f"{key}: unknown key{_suggest(key, known_keys)}"
+    key = m.group(1) if (m := re.search(r'Parser key "([^"]+)"', message)) else None
+    class_path = m.group(1) if (m := re.search(r"class_path '([\w.]+)'", message)) else None
+    reasons = []
+    for line in message.splitlines():
+        line = line.strip(" -\t")
+        if not line or line.startswith("Parser key") or any(n in line for n in NOISE):
+            continue
+        if line.startswith("Problem with given class_path"):
+            continue
+        if option := re.search(r"Option '(\w+)' is not accepted", line):
+            line = f"'{option.group(1)}' is not an argument of {class_path}"
+            line += _suggest(option.group(1), known_keys)
+        elif "has no attribute" in line or "No module named" in line:
+            line = f"cannot import class_path '{class_path}' ({line})"
+        if line not in reasons:
+            reasons.append(line)
+    text = "; ".join(reasons) or message.strip()
+    return _clip(f"{key}: {text}" if key else text)
+
+
+def _suggest(key: str, known_keys: list[str] | None) -> str:
+    if not known_keys:
+        return ""
+    last = key.rsplit(".", 1)[-1]
+    names = {k.rsplit(".", 1)[-1]: k for k in known_keys}
+    close = difflib.get_close_matches(key, known_keys, n=1, cutoff=0.75)
+    close = close or [names[c] for c in difflib.get_close_matches(last, list(names), n=1)]
+    return f"; did you mean '{close[0]}'?" if close else "; see `mneme fit --help`"
+
+
+def summarize_exception(error: BaseException) -> str:
+    """One line for an exception raised while building or running a job."""
+    text = str(error).strip() or type(error).__name__
+    if "Error(s) in loading state_dict" in text:
+        detail = next((s.strip() for s in text.splitlines()[1:] if s.strip()), "")
+        text = (
+            f"ckpt_path: the checkpoint does not fit this model ({detail}); "
+            "use the config the checkpoint was trained with"
+        )
+    first = text.splitlines()[0]
+    if isinstance(error, FileNotFoundError | NotADirectoryError | PermissionError):
+        path = getattr(error, "filename", None)
+        if path and path not in first:
+            first = f"{first}: {path}"
+    return _clip(first)
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 3] + "..."
