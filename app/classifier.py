@@ -78,6 +78,7 @@ class ContinualClassifier(LightningModule):
         self.input_key = input_key
         self.loss_terms: dict[str, LossTerm] = {}
         self.batch_transforms: dict[str, BatchTransform] = {}
+        self.last_loss_terms: dict[str, Tensor] = {}  # read by callbacks.FiniteLossGuard
         self.experience_accuracy: ExperienceAccuracy | None = None
         self.encoder: nn.Module | None = None
         if num_classes is not None and input_shape is not None:
@@ -145,14 +146,14 @@ class ContinualClassifier(LightningModule):
             batch = transform(batch)
         features = self.encoder(batch[self.input_key])
         logits = self.logits(features, batch["task"])
-        loss = F.cross_entropy(logits, batch["label"])
-        size = len(logits)
-        self.log("train/loss_ce", loss, batch_size=size)
         outputs = {"logits": logits, "features": features}
-        for name, term in self.loss_terms.items():
-            value = term(batch, outputs)
+        terms = {"ce": F.cross_entropy(logits, batch["label"])}
+        terms.update({name: term(batch, outputs) for name, term in self.loss_terms.items()})
+        size = len(logits)
+        for name, value in terms.items():
             self.log(f"train/loss_{name}", value, batch_size=size)
-            loss = loss + value
+        self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
+        loss = sum(terms.values())
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 

@@ -37,7 +37,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from app.errors import summarize_argument_error
-    from callbacks import ContinualMetrics
+    from callbacks import ContinualMetrics, FiniteLossGuard
     from datamodules import ContinualDataModule
 
     class MnemeCLI(LightningCLI):
@@ -54,6 +54,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ContinualMetrics, "metrics")
+            parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
             # Save after the experience-end work of other callbacks (Fisher, buffers), and
             # keep last.ckpt to resume from.

@@ -78,7 +78,9 @@ def _open_clip(model: str, weights: str | None, pretrained: str | None, **kwargs
             "open_clip.list_models() (e.g. mneme-tiny-clip, ViT-B-32)"
         )
     if weights and pretrained:
-        raise ValueError("model.encoders.*: give 'weights' (a local file) or 'pretrained', not both")
+        raise ValueError(
+            "model.encoders.*: give 'weights' (a local file) or 'pretrained', not both"
+        )
     if weights and not Path(weights).is_file():
         raise ValueError(f"model.encoders.*.weights: no file at '{weights}'")
     return open_clip.create_model(
