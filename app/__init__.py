@@ -5,7 +5,7 @@ Exports resolve lazily (PEP 562) so that ``mneme --help`` does not import Lightn
 
 import importlib
 
-_EXPORTS = {"ContinualClassifier": "app.classifier"}
+_EXPORTS = {"ContinualClassifier": "app.classifier", "ContrastiveAligner": "app.aligner"}
 __all__ = list(_EXPORTS)
 
 
@@ -13,3 +13,7 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'app' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

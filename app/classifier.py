@@ -103,7 +103,32 @@ class ContinualClassifier(LightningModule):
         datamodule = self.trainer.datamodule
         if self.encoder is None:
             self._build(datamodule.num_classes, datamodule.num_tasks, datamodule.input_shape)
+        self._check_fits(datamodule)
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
+
+    def _check_fits(self, datamodule) -> None:
+        """A model built for another stream (a config or checkpoint made for other data)
+        fails here with the mismatch named, not with a shape error deep in a matmul."""
+        hp = self.hparams
+        stream = {
+            "input_shape": tuple(datamodule.input_shape),
+            "num_classes": datamodule.num_classes,
+            "num_tasks": datamodule.num_tasks,
+        }
+        model = {"input_shape": tuple(hp.input_shape), "num_classes": hp.num_classes}
+        model["num_tasks"] = hp.num_tasks
+        if model["input_shape"] != stream["input_shape"]:
+            raise ValueError(
+                f"model.input_shape: the model takes inputs of shape {model['input_shape']} "
+                f"but the stream's are {stream['input_shape']}; use a model (or checkpoint) "
+                "made for this stream"
+            )
+        for key in ("num_classes", "num_tasks"):
+            if model[key] < stream[key]:
+                raise ValueError(
+                    f"model.{key}: the model has {model[key]} but the stream needs "
+                    f"{stream[key]}; use a model (or checkpoint) made for this stream"
+                )
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
@@ -167,4 +192,7 @@ class ContinualClassifier(LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.optimizer_factory(self.parameters())
+        try:
+            return self.optimizer_factory(self.parameters())
+        except (ValueError, TypeError) as err:  # e.g. torch's "Invalid learning rate: -1.0"
+            raise ValueError(f"model.optimizer: {err}") from err

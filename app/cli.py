@@ -45,7 +45,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as error:
-                message = str(error)
+                message = str(error).replace(
+                    "Problems parsing config:", "invalid YAML in --config:"
+                )
                 summary = summarize_argument_error(message, known_keys(parser, message))
                 raise ConfigError(summary) from None
             subcommand = self.config.get("subcommand")

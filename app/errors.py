@@ -33,7 +33,14 @@ def summarize_argument_error(message: str, known_keys: list[str] | None = None) 
     if m := re.search(r"Key '([\w.]+)' is not expected", message):
         key = m.group(1)
         return f"{key}: unknown key{_suggest(key, known_keys)}"
+    if m := re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message):
+        key = k.group(1) if (k := re.search(r'Parser key "([^"]+)"', message)) else "config"
+        path = f"{m.group(1)}.{m.group(2)}"
+        close = difflib.get_close_matches(m.group(2), _public_names(m.group(1)), n=1)
+        hint = f"; did you mean '{m.group(1)}.{close[0]}'?" if close else ""
+        return _clip(f"{key}: cannot import '{path}'{hint}")
     key = m.group(1) if (m := re.search(r'Parser key "([^"]+)"', message)) else None
+    message = re.sub(r'Parser key "[^"]+":\s*', "", message)
     class_path = m.group(1) if (m := re.search(r"class_path '([\w.]+)'", message)) else None
     reasons = []
     for line in message.splitlines():
@@ -45,12 +52,21 @@ def summarize_argument_error(message: str, known_keys: list[str] | None = None) 
         if option := re.search(r"Option '(\w+)' is not accepted", line):
             line = f"'{option.group(1)}' is not an argument of {class_path}"
             line += _suggest(option.group(1), known_keys)
-        elif "has no attribute" in line or "No module named" in line:
+        elif "No module named" in line:
             line = f"cannot import class_path '{class_path}' ({line})"
         if line not in reasons:
             reasons.append(line)
     text = "; ".join(reasons) or message.strip()
     return _clip(f"{key}: {text}" if key else text)
+
+
+def _public_names(module: str) -> list[str]:
+    import importlib
+
+    try:
+        return [n for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+    except ImportError:
+        return []
 
 
 def _suggest(key: str, known_keys: list[str] | None) -> str:
@@ -73,10 +89,11 @@ def summarize_exception(error: BaseException) -> str:
             "use the config the checkpoint was trained with"
         )
     first = text.splitlines()[0]
-    if isinstance(error, FileNotFoundError | NotADirectoryError | PermissionError):
-        path = getattr(error, "filename", None)
-        if path and path not in first:
-            first = f"{first}: {path}"
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        first = (
+            f"cannot write or read '{error.filename}': {error.strerror}; check the paths in "
+            "the config (trainer.logger.init_args.save_dir, trainer.default_root_dir, data files)"
+        )
     return _clip(first)
 
 

@@ -92,7 +92,13 @@ def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
         for key, value in zip(sample_keys, sample, strict=False):
             columns[key].append(torch.as_tensor(value))
     tensors = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
+    if "label" not in tensors:
+        raise ValueError("data.benchmark: an experience has no samples")
     tensors["label"] = tensors["label"].long()
+    if tensors["label"].min() < 0:
+        raise ValueError(
+            f"data.benchmark: labels must be class indices >= 0, found {tensors['label'].min()}"
+        )
     tensors["task"] = tensors.get("task", torch.zeros_like(tensors["label"])).long()
     return Experience(
         tensors=tensors,
@@ -187,8 +193,6 @@ class ContinualDataModule(LightningDataModule):
                 raise ValueError(f"data.benchmark.init_args: {err} (for {name})") from err
             self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
             self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
-            if any(len(e.tensors["label"]) == 0 for e in self._train):
-                raise ValueError("data.benchmark: a training experience is empty")
             self._scenario = scenario
         return self._scenario
 

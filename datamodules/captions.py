@@ -1,0 +1,81 @@
+"""Captions for paired streams: digit templates, tokenization, and a multi-field dataset.
+
+Captions are tokenized once, when the stream is built, with open_clip's tokenizer (its BPE
+vocabulary ships inside open_clip): a stream's ``text`` field is token ids, so training
+slices tensors like any other field and replay buffers keep the captions too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Templates seen in training captions, and held-out ones for test captions and zero-shot
+# prompts (so zero-shot accuracy measures the class name, not a memorized sentence).
+TRAIN_TEMPLATES = (
+    "a photo of the digit {}",
+    "a handwritten {}",
+    "the number {}",
+    "a drawing of a {}",
+    "{} written by hand",
+    "an image of the numeral {}",
+)
+EVAL_TEMPLATES = (
+    "a picture of the number {}",
+    "a scan of a handwritten {}",
+    "the digit {}",
+)
+DEFAULT_TOKENIZER = "ViT-B-32"  # open_clip's SimpleTokenizer, shared by the CLIP configs
+
+
+def tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> Tensor:
+    """Token ids ``(len(texts), context_length)`` from open_clip's tokenizer for ``tokenizer``
+    (an open_clip model name). Distinct texts are tokenized once."""
+    import open_clip
+
+    unique, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
+    tokens = open_clip.get_tokenizer(tokenizer, context_length=context_length)(list(unique))
+    return tokens[torch.from_numpy(inverse.reshape(-1))]
+
+
+def template_captions(
+    labels: Tensor, class_names: Sequence[str], templates: Sequence[str], seed: int
+) -> list[str]:
+    """One caption per sample: a template drawn at random (seeded), filled with its class."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError(
+            f"benchmark.init_args templates: each must contain '{{}}', got {templates}"
+        )
+    rng = np.random.RandomState(seed)
+    picks = rng.randint(len(templates), size=len(labels))
+    return [
+        templates[p].format(class_names[y]) for p, y in zip(picks, labels.tolist(), strict=True)
+    ]
+
+
+class PairedTensors(Dataset):
+    """Samples ``(first, label, *rest)`` from tensors sharing their first dimension, with the
+    ``targets`` attribute Avalanche's generators read.
+
+    Why the label second: Avalanche's classification datasets remap the target at position
+    1 of each sample, so name the fields accordingly, e.g. ``sample_keys: [image, label,
+    text, task]``.
+    """
+
+    def __init__(self, fields: Sequence[Tensor], targets: Tensor) -> None:
+        if any(len(f) != len(targets) for f in fields):
+            raise ValueError("PairedTensors: every field needs one row per target")
+        self.fields = list(fields)
+        self.targets = targets.long().tolist()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        first, *rest = (f[index] for f in self.fields)
+        return (first, self.targets[index], *rest)

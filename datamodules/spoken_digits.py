@@ -1,0 +1,148 @@
+"""Spoken digits paired with captions and digit images, for three-way alignment.
+
+Each clip of ``spoken_digits.npz`` (int16 PCM at 8 kHz, one second, synthesized voices
+``accent_variant_speed_pitch``) is paired with a caption of its class and with a
+scikit-learn 8x8 digit image of the same class (drawn at random, seeded; train clips from
+the image train split, test clips from the test split). Samples are ``(audio, label, image,
+text)``: ``sample_keys: [audio, label, image, text, task]``.
+
+Two streams: class-incremental by digit (``split: class``), or domain-incremental by accent
+(``split: accent``: one experience per accent, all ten digits in each).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datamodules.captions import (
+    DEFAULT_TOKENIZER,
+    EVAL_TEMPLATES,
+    NUMBER_WORDS,
+    TRAIN_TEMPLATES,
+    PairedTensors,
+    template_captions,
+    tokenize,
+)
+from datamodules.streams import _split_benchmark, load_digits_tensors
+
+SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
+SPLITS = ("class", "accent")
+
+
+def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
+    """``audio`` (N, T) int16, ``labels`` (N,), ``accent`` (N,) str from the ``.npz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"benchmark.init_args.path: no file at '{path}'; point it at spoken_digits.npz "
+            "(e.g. ../shared/data/spoken_digits.npz)"
+        )
+    with np.load(path) as arrays:
+        missing = {"audio", "labels", "voice", "voice_names"} - set(arrays.files)
+        if missing:
+            raise ValueError(f"benchmark.init_args.path: '{path}' lacks arrays {sorted(missing)}")
+        names = arrays["voice_names"]
+        accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
+        return {
+            "audio": arrays["audio"],
+            "labels": arrays["labels"].astype(np.int64),
+            "accent": accents[arrays["voice"]],
+        }
+
+
+def _paired_images(labels: np.ndarray, images: torch.Tensor, image_labels, seed: int):
+    """For each label, a random image of the same class (with replacement, seeded)."""
+    rng = np.random.RandomState(seed)
+    image_labels = np.asarray(image_labels)
+    index = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        members = np.flatnonzero(image_labels == c)
+        slots = np.flatnonzero(labels == c)
+        index[slots] = rng.choice(members, size=len(slots))
+    return images[torch.from_numpy(index)]
+
+
+def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
+    path: str,
+    n_experiences: int = 5,
+    *,
+    split: str = "class",
+    accents: Sequence[str] | None = None,
+    seed: int | None = 0,
+    fixed_class_order: Sequence[int] | None = None,
+    test_size: float = 0.25,
+    train_templates: Sequence[str] = TRAIN_TEMPLATES,
+    eval_templates: Sequence[str] = EVAL_TEMPLATES,
+    tokenizer: str = DEFAULT_TOKENIZER,
+    context_length: int = 16,
+):
+    """Spoken digits with captions and images, class- or accent-incremental.
+
+    ``n_experiences`` applies to ``split: class``; with ``split: accent`` there is one
+    experience per accent, in ``accents`` order (default: sorted). The train/test split is
+    stratified by accent and digit (``test_size``, seeded by ``seed`` or 0).
+
+    Example (YAML)::
+
+        data:
+          benchmark:
+            class_path: datamodules.SpokenDigits
+            init_args: {path: ../shared/data/spoken_digits.npz, split: accent}
+          sample_keys: [audio, label, image, text, task]
+    """
+    from avalanche.benchmarks.scenarios import benchmark_from_datasets
+    from avalanche.benchmarks.utils import AvalancheDataset
+    from sklearn.model_selection import train_test_split
+
+    if split not in SPLITS:
+        raise ValueError(f"benchmark.init_args.split: one of {SPLITS}, got '{split}'")
+    data = load_spoken_digits(path)
+    labels, accent = data["labels"], data["accent"]
+    known = sorted(set(accent.tolist()))
+    accents = list(accents or known)
+    if not set(accents) <= set(known):
+        raise ValueError(f"benchmark.init_args.accents: choose from {known}, got {accents}")
+    keep = np.flatnonzero(np.isin(accent, accents))
+    strata = np.array([f"{a}/{y}" for a, y in zip(accent[keep], labels[keep], strict=True)])
+    train_idx, test_idx = train_test_split(
+        keep, test_size=test_size, random_state=seed or 0, stratify=strata
+    )
+    digits_train, digits_test = load_digits_tensors(seed=0)
+    audio = torch.from_numpy(data["audio"])
+
+    def paired(index: np.ndarray, digits, templates, caption_seed: int) -> PairedTensors:
+        y = torch.from_numpy(labels[index])
+        images = _paired_images(labels[index], digits.inputs, digits.targets, caption_seed)
+        captions = template_captions(y, NUMBER_WORDS, templates, caption_seed)
+        text = tokenize(captions, tokenizer, context_length)
+        return PairedTensors([audio[torch.from_numpy(index)], images, text], y)
+
+    if split == "class":
+        scenario = _split_benchmark(
+            paired(train_idx, digits_train, train_templates, 0),
+            paired(test_idx, digits_test, eval_templates, 1),
+            n_experiences,
+            False,
+            seed,
+            fixed_class_order,
+            False,
+        )
+    else:
+        streams = {"train": [], "test": []}
+        for e, name in enumerate(accents):
+            for stream, index, digits, templates in (
+                ("train", train_idx, digits_train, train_templates),
+                ("test", test_idx, digits_test, eval_templates),
+            ):
+                rows = index[accent[index] == name]
+                seed_e = 2 * e + (stream == "test")
+                streams[stream].append(AvalancheDataset([paired(rows, digits, templates, seed_e)]))
+        scenario = benchmark_from_datasets(**streams)
+        scenario.accents = accents
+    scenario.class_names = list(NUMBER_WORDS)
+    scenario.prompt_templates = list(eval_templates)
+    return scenario
