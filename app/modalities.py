@@ -154,7 +154,7 @@ class OpenClipText(nn.Module):
             raise ValueError(
                 f"model.encoders.text.context_length: the stream's captions have "
                 f"{input_shape[-1]} tokens, the text tower takes {self.context_length}; "
-                "tokenize the stream with data.benchmark.init_args.context_length <= it"
+                "tokenize the stream with data.benchmark_args.context_length <= it"
             )
 
     def tokenize(self, texts: Sequence[str]) -> Tensor:

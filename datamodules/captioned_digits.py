@@ -57,9 +57,8 @@ def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark facto
     Example (YAML)::
 
         data:
-          benchmark:
-            class_path: datamodules.SplitCaptionedDigits
-            init_args: {n_experiences: 5, context_length: 16}
+          benchmark: datamodules.SplitCaptionedDigits
+          benchmark_args: {n_experiences: 5, context_length: 16}
           sample_keys: [image, label, text, task]
     """
     train, test = load_mnist_npz(path) if path else load_digits_tensors(seed=0)

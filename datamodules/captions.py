@@ -49,7 +49,7 @@ def template_captions(
     """One caption per sample: a template drawn at random (seeded), filled with its class."""
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(
-            f"benchmark.init_args templates: each must contain '{{}}', got {templates}"
+            f"data.benchmark_args.templates: each must contain '{{}}', got {templates}"
         )
     rng = np.random.RandomState(seed)
     picks = rng.randint(len(templates), size=len(labels))

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 
 from datamodules.tensor_batches import Batch, TensorBatches
 
-DEFAULT_BENCHMARK = {"class_path": "datamodules.SplitDigits", "init_args": {"n_experiences": 5}}
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # what Trainer(max_epochs=None) turns into
 
 
@@ -32,37 +31,21 @@ def experience_of(trainer: Trainer) -> int:
     return trainer.current_epoch // trainer.datamodule.epochs_per_experience
 
 
-def benchmark_arguments(spec: dict[str, Any]) -> dict[str, Any]:
-    """The factory's keyword arguments: ``init_args``, updated by any other key of ``spec``.
-
-    jsonargparse merges a command-line override of a dict-typed option one level deep:
-    ``--data.benchmark.init_args.path X`` arrives as ``spec["path"] = X``. Treating such
-    keys as overrides of ``init_args`` makes that natural override work.
-    """
-    overrides = {k: v for k, v in spec.items() if k not in ("class_path", "init_args")}
-    return {**(spec.get("init_args") or {}), **overrides}
-
-
-def resolve_benchmark(spec: dict[str, Any]) -> Callable[..., Any]:
-    """Import ``spec['class_path']`` (a benchmark class or factory function) and check that
-    its arguments fit its signature, with an error that names the field."""
-    if "class_path" not in spec:
-        raise ValueError(
-            "data.benchmark: give 'class_path' (e.g. avalanche.benchmarks.classic.SplitMNIST) "
-            f"and optionally 'init_args'; got keys {sorted(spec)}"
-        )
-    module_name, _, attr = spec["class_path"].rpartition(".")
+def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..., Any]:
+    """Import a benchmark factory or class by ``class_path`` and check that ``arguments`` fit
+    its signature, with an error that names the field."""
+    module_name, _, attr = class_path.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError):
         raise ValueError(
-            f"data.benchmark.class_path: cannot import '{spec['class_path']}'; name a benchmark "
-            "such as avalanche.benchmarks.classic.SplitMNIST or datamodules.SplitDigits"
+            f"data.benchmark: cannot import '{class_path}'; name a benchmark such as "
+            "avalanche.benchmarks.classic.SplitMNIST or datamodules.SplitDigits"
         ) from None
     try:
-        inspect.signature(factory).bind(**benchmark_arguments(spec))
+        inspect.signature(factory).bind(**arguments)
     except TypeError as err:
-        raise ValueError(f"data.benchmark.init_args: {err} (for {spec['class_path']})") from None
+        raise ValueError(f"data.benchmark_args: {err} (for {class_path})") from None
     return factory
 
 
@@ -116,9 +99,13 @@ class ContinualDataModule(LightningDataModule):
     training data reloaded each epoch, validation at each experience end).
 
     Args:
-        benchmark: ``{class_path, init_args}`` of any Avalanche benchmark factory or class,
-            classic (``avalanche.benchmarks.classic.SplitMNIST``) or built-in
-            (``datamodules.SplitDigits``, ``SplitMNISTFile``, ``PermutedMNISTFile``).
+        benchmark: import path of any Avalanche benchmark factory or class, classic
+            (``avalanche.benchmarks.classic.SplitMNIST``) or built-in
+            (``datamodules.SplitDigits``, ``SplitMNISTFile``, ``PermutedMNISTFile``, ...).
+            A path, not a ``class_path``/``init_args`` pair: Avalanche's classic benchmarks
+            are factory functions, which jsonargparse cannot type as a subclass.
+        benchmark_args: its keyword arguments; one can be overridden from the command line
+            with ``--data.benchmark_args.NAME VALUE``.
         epochs_per_experience: training epochs on each experience.
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
@@ -133,17 +120,15 @@ class ContinualDataModule(LightningDataModule):
     Example (YAML)::
 
         data:
-          class_path: datamodules.ContinualDataModule
-          init_args:
-            benchmark:
-              class_path: avalanche.benchmarks.classic.SplitMNIST
-              init_args: {n_experiences: 5, dataset_root: data/mnist}
-            epochs_per_experience: 2
+          benchmark: avalanche.benchmarks.classic.SplitMNIST
+          benchmark_args: {n_experiences: 5, dataset_root: data/mnist}
+          epochs_per_experience: 2
     """
 
     def __init__(
         self,
-        benchmark: dict[str, Any] | None = None,
+        benchmark: str = "datamodules.SplitDigits",
+        benchmark_args: dict[str, Any] | None = None,
         epochs_per_experience: int = 1,
         batch_size: int = 64,
         eval_batch_size: int = 512,
@@ -163,8 +148,9 @@ class ContinualDataModule(LightningDataModule):
             if value < 1:
                 raise ValueError(f"data.{name}: must be at least 1, got {value}")
         self.save_hyperparameters()
-        self.benchmark_spec = benchmark or DEFAULT_BENCHMARK
-        self.factory = resolve_benchmark(self.benchmark_spec)
+        self.benchmark = benchmark
+        self.benchmark_args = dict(benchmark_args or {})
+        self.factory = resolve_benchmark(benchmark, self.benchmark_args)
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -186,11 +172,10 @@ class ContinualDataModule(LightningDataModule):
         """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
             try:
-                scenario = self.factory(**benchmark_arguments(self.benchmark_spec))
+                scenario = self.factory(**self.benchmark_args)
             except (ValueError, TypeError, AssertionError, IndexError) as err:
                 # Avalanche's own checks (e.g. classes not divisible into experiences)
-                name = self.benchmark_spec["class_path"]
-                raise ValueError(f"data.benchmark.init_args: {err} (for {name})") from err
+                raise ValueError(f"data.benchmark_args: {err} (for {self.benchmark})") from err
             self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
             self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
             self._scenario = scenario

@@ -32,14 +32,18 @@ def read_manifest(
     """Rows of the CSV as dicts; a clear error when a named column is absent."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark.init_args: no CSV at '{path}'")
+        raise FileNotFoundError(f"data.benchmark_args: no CSV at '{path}'")
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=separator)
         columns = reader.fieldnames or []
-        for field, key in (("img_key", img_key), ("caption_key", caption_key), ("label_key", label_key)):  # noqa: E501
+        for field, key in (
+            ("img_key", img_key),
+            ("caption_key", caption_key),
+            ("label_key", label_key),
+        ):
             if key is not None and key not in columns:
                 raise ValueError(
-                    f"benchmark.init_args.{field}: no column '{key}' in '{path}' (columns: "
+                    f"data.benchmark_args.{field}: no column '{key}' in '{path}' (columns: "
                     f"{columns}; check separator={separator!r})"
                 )
         return list(reader)
@@ -84,17 +88,16 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark:
-            class_path: datamodules.CSVCaptions
-            init_args: {train_csv: data/train.tsv, img_key: filepath, caption_key: title,
-                        label_key: label, n_experiences: 2}
+          benchmark: datamodules.CSVCaptions
+          benchmark_args: {train_csv: data/train.tsv, img_key: filepath, caption_key: title,
+                      label_key: label, n_experiences: 2}
           sample_keys: [image, label, text, task]
     """
     from avalanche.benchmarks.scenarios import benchmark_from_datasets
     from avalanche.benchmarks.utils import AvalancheDataset
 
     if channels not in (1, 3):
-        raise ValueError(f"benchmark.init_args.channels: 1 or 3, got {channels}")
+        raise ValueError(f"data.benchmark_args.channels: 1 or 3, got {channels}")
     keys = (img_key, caption_key, label_key, separator)
     rows = read_manifest(train_csv, *keys)
     base = Path(root) if root else Path(train_csv).resolve().parent
@@ -108,7 +111,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
         rows = [rows[i] for i in sorted(order[n_test:])]
         test_base = base
     if not rows:
-        raise ValueError(f"benchmark.init_args.train_csv: '{train_csv}' has no training rows")
+        raise ValueError(f"data.benchmark_args.train_csv: '{train_csv}' has no training rows")
     key = label_key or caption_key
     names = sorted({r[key] for r in rows + test_rows})
     class_of = {name: i for i, name in enumerate(names)}

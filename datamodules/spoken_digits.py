@@ -38,13 +38,13 @@ def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"benchmark.init_args.path: no file at '{path}'; point it at spoken_digits.npz "
+            f"data.benchmark_args.path: no file at '{path}'; point it at spoken_digits.npz "
             "(e.g. ../shared/data/spoken_digits.npz)"
         )
     with np.load(path) as arrays:
         missing = {"audio", "labels", "voice", "voice_names"} - set(arrays.files)
         if missing:
-            raise ValueError(f"benchmark.init_args.path: '{path}' lacks arrays {sorted(missing)}")
+            raise ValueError(f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}")
         names = arrays["voice_names"]
         accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
         return {
@@ -89,9 +89,8 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark:
-            class_path: datamodules.SpokenDigits
-            init_args: {path: ../shared/data/spoken_digits.npz, split: accent}
+          benchmark: datamodules.SpokenDigits
+          benchmark_args: {path: ../shared/data/spoken_digits.npz, split: accent}
           sample_keys: [audio, label, image, text, task]
     """
     from avalanche.benchmarks.scenarios import benchmark_from_datasets
@@ -99,13 +98,13 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     from sklearn.model_selection import train_test_split
 
     if split not in SPLITS:
-        raise ValueError(f"benchmark.init_args.split: one of {SPLITS}, got '{split}'")
+        raise ValueError(f"data.benchmark_args.split: one of {SPLITS}, got '{split}'")
     data = load_spoken_digits(path)
     labels, accent = data["labels"], data["accent"]
     known = sorted(set(accent.tolist()))
     accents = list(accents or known)
     if not set(accents) <= set(known):
-        raise ValueError(f"benchmark.init_args.accents: choose from {known}, got {accents}")
+        raise ValueError(f"data.benchmark_args.accents: choose from {known}, got {accents}")
     keep = np.flatnonzero(np.isin(accent, accents))
     strata = np.array([f"{a}/{y}" for a, y in zip(accent[keep], labels[keep], strict=True)])
     train_idx, test_idx = train_test_split(

@@ -87,9 +87,8 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark:
-            class_path: datamodules.SplitDigits
-            init_args: {n_experiences: 5, seed: 0}
+          benchmark: datamodules.SplitDigits
+          benchmark_args: {n_experiences: 5, seed: 0}
     """
     train, test = load_digits_tensors(test_size=test_size, seed=0)
     return _split_benchmark(
@@ -111,20 +110,20 @@ def load_mnist_npz(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"benchmark.init_args.path: no file at '{path}'; point it at an .npz with "
+            f"data.benchmark_args.path: no file at '{path}'; point it at an .npz with "
             "'images' and 'labels' arrays (e.g. ../shared/data/mnist10k.npz)"
         )
     with np.load(path) as arrays:
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
             raise ValueError(
-                f"benchmark.init_args.path: '{path}' lacks arrays {sorted(missing)}; "
+                f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}; "
                 f"it has {sorted(arrays.files)}; save with np.savez(path, images=..., labels=...)"
             )
         images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or len(images) != len(labels) or len(images) <= MNIST_TRAIN_ROWS:
         raise ValueError(
-            f"benchmark.init_args.path: '{path}' has images of shape {images.shape} and "
+            f"data.benchmark_args.path: '{path}' has images of shape {images.shape} and "
             f"{len(labels)} labels; expected (N, H, W) images, one label each, N > "
             f"{MNIST_TRAIN_ROWS}"
         )

@@ -14,8 +14,9 @@ needs_mnist = pytest.mark.skipif(
 )
 
 
-def digits_benchmark(n_experiences: int = 5, **init_args) -> dict:
+def digits_stream(n_experiences: int = 5, **benchmark_args) -> dict:
+    """ContinualDataModule arguments for SplitDigits."""
     return {
-        "class_path": "datamodules.SplitDigits",
-        "init_args": {"n_experiences": n_experiences, **init_args},
+        "benchmark": "datamodules.SplitDigits",
+        "benchmark_args": {"n_experiences": n_experiences, **benchmark_args},
     }

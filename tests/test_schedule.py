@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from app import ContinualClassifier
 from callbacks import ExperienceCallback
 from datamodules import ContinualDataModule
-from tests.conftest import digits_benchmark
+from tests.conftest import digits_stream
 
 EXPERIENCES, EPOCHS = 5, 2
 
@@ -33,7 +33,7 @@ class RecordTraining(ExperienceCallback):
 
 def make_run(tmp_path, *callbacks: Callback, **module_args):
     datamodule = ContinualDataModule(
-        digits_benchmark(EXPERIENCES), epochs_per_experience=EPOCHS, batch_size=64
+        **digits_stream(EXPERIENCES), epochs_per_experience=EPOCHS, batch_size=64
     )
     trainer = Trainer(
         accelerator="cpu",

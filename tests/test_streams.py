@@ -6,11 +6,11 @@ import torch
 
 from datamodules import ContinualDataModule, TensorBatches
 from datamodules.continual import resolve_benchmark
-from tests.conftest import MNIST_NPZ, digits_benchmark, needs_mnist
+from tests.conftest import MNIST_NPZ, digits_stream, needs_mnist
 
 
 def test_split_digits_class_incremental():
-    dm = ContinualDataModule(digits_benchmark(5, seed=1))
+    dm = ContinualDataModule(**digits_stream(5, seed=1))
     assert dm.num_experiences == 5 and dm.num_classes == 10 and dm.num_tasks == 1
     assert dm.input_shape == (1, 8, 8)
     classes = [e.classes for e in dm.train_experiences]
@@ -24,7 +24,7 @@ def test_split_digits_class_incremental():
 
 
 def test_split_digits_task_incremental_has_one_task_per_experience():
-    dm = ContinualDataModule(digits_benchmark(5, return_task_id=True))
+    dm = ContinualDataModule(**digits_stream(5, return_task_id=True))
     assert dm.num_tasks == 5
     assert [e.tasks for e in dm.train_experiences] == [[k] for k in range(5)]
     assert [e.tasks for e in dm.test_experiences] == [[k] for k in range(5)]
@@ -32,16 +32,14 @@ def test_split_digits_task_incremental_has_one_task_per_experience():
 
 def test_seed_changes_class_order():
     def first_classes(seed):
-        return ContinualDataModule(digits_benchmark(5, seed=seed)).train_experiences[0].classes
+        return ContinualDataModule(**digits_stream(5, seed=seed)).train_experiences[0].classes
 
     assert first_classes(0) != first_classes(3)
 
 
 @needs_mnist
 def test_split_mnist_file_uses_first_8000_rows_for_training():
-    dm = ContinualDataModule(
-        {"class_path": "datamodules.SplitMNISTFile", "init_args": {"path": str(MNIST_NPZ)}}
-    )
+    dm = ContinualDataModule("datamodules.SplitMNISTFile", {"path": str(MNIST_NPZ)})
     assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
     assert sum(len(e.tensors["label"]) for e in dm.train_experiences) == 8000
     assert sum(len(e.tensors["label"]) for e in dm.test_experiences) == 2000
@@ -53,10 +51,7 @@ def test_split_mnist_file_uses_first_8000_rows_for_training():
 @needs_mnist
 def test_permuted_mnist_file_is_domain_incremental():
     dm = ContinualDataModule(
-        {
-            "class_path": "datamodules.PermutedMNISTFile",
-            "init_args": {"path": str(MNIST_NPZ), "n_experiences": 3, "seed": 0},
-        }
+        "datamodules.PermutedMNISTFile", {"path": str(MNIST_NPZ), "n_experiences": 3, "seed": 0}
     )
     assert dm.num_experiences == 3 and dm.num_tasks == 1
     assert all(e.classes == list(range(10)) for e in dm.train_experiences)
@@ -94,31 +89,26 @@ def test_tensor_batches_shards_across_ranks():
 
 
 @pytest.mark.parametrize(
-    "spec, field",
+    "class_path, arguments, field",
     [
-        ({"class_path": "avalanche.benchmarks.classic.NoSuchBenchmark"}, "class_path"),
-        ({"class_path": "datamodules.SplitDigits", "init_args": {"n_exp": 5}}, "init_args"),
-        ({"init_args": {}}, "data.benchmark"),
-        ({"class_path": "datamodules.SplitDigits", "n_exp": 5}, "init_args"),
+        ("avalanche.benchmarks.classic.NoSuchBenchmark", {}, "data.benchmark"),
+        ("SplitDigits", {}, "data.benchmark"),
+        ("datamodules.SplitDigits", {"n_exp": 5}, "data.benchmark_args"),
     ],
 )
-def test_bad_benchmark_spec_names_the_field(spec, field):
+def test_bad_benchmark_names_the_field(class_path, arguments, field):
     with pytest.raises(ValueError, match=field):
-        resolve_benchmark(spec)
+        resolve_benchmark(class_path, arguments)
 
 
-def test_keys_beside_init_args_override_them():
-    from datamodules.continual import benchmark_arguments
-
-    spec = {"class_path": "x", "init_args": {"path": "a", "n_experiences": 5}, "path": "b"}
-    assert benchmark_arguments(spec) == {"path": "b", "n_experiences": 5}
+def test_avalanche_errors_name_the_field():
+    dm = ContinualDataModule(**digits_stream(3))  # 10 classes do not split in 3
+    with pytest.raises(ValueError, match="data.benchmark_args: .*n_experiences"):
+        dm.prepare_data()
 
 
 def test_classic_avalanche_benchmark_resolves_by_import_path():
     from avalanche.benchmarks.classic import SplitMNIST
 
-    spec = {
-        "class_path": "avalanche.benchmarks.classic.SplitMNIST",
-        "init_args": {"n_experiences": 5},
-    }
-    assert resolve_benchmark(spec) is SplitMNIST
+    spec = ("avalanche.benchmarks.classic.SplitMNIST", {"n_experiences": 5})
+    assert resolve_benchmark(*spec) is SplitMNIST

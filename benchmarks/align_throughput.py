@@ -1,0 +1,215 @@
+"""Pairs per second of one alignment training step: Lightning + ContrastiveAligner vs a plain
+PyTorch loop, with the same open_clip model, ClipLoss, batch, optimizer and precision.
+
+    python -m benchmarks.align_throughput --model mneme-tiny-clip --batch-size 64 --steps 20
+
+Both runners see the same synthetic pairs (random images at the model's image size, random
+token ids) held in memory; the first ``--warmup`` steps are not timed. The result is written
+as the section ``## Alignment throughput`` of ``benchmarks/RESULTS.md`` (other sections are
+left as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import re
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION = "## Alignment throughput"
+
+
+def pair_tensors(n: int, image_size: int, context_length: int) -> dict[str, torch.Tensor]:
+    """Random images, token ids and labels, the same for every call with the same sizes."""
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.rand(n, 3, image_size, image_size, generator=g),
+        "text": torch.randint(1, 49000, (n, context_length), generator=g),
+        "label": torch.arange(n) % 10,
+    }
+
+
+def synthetic_pairs(n: int = 256, image_size: int = 16, context_length: int = 16):
+    """One-experience Avalanche stream of :func:`pair_tensors` (the Lightning runner's data)."""
+    from datamodules.captions import PairedTensors
+    from datamodules.streams import _split_benchmark
+
+    t = pair_tensors(n, image_size, context_length)
+    data = PairedTensors([t["image"], t["text"]], t["label"])
+    return _split_benchmark(data, data, 1, False, 0, None, False)
+
+
+class StepTimer:
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int, device: torch.device) -> None:
+        self.warmup, self.device = warmup, device
+        self.start = self.end = 0.0
+
+    def tick(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+def run_lightning(args, device: torch.device) -> float:
+    from lightning.pytorch import Callback, Trainer
+
+    from app.aligner import ContrastiveAligner
+    from datamodules import ContinualDataModule
+
+    timer = StepTimer(args.warmup, device)
+
+    class Timing(Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == args.warmup:
+                timer.start = timer.tick()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            timer.end = timer.tick()
+
+    n = args.batch_size * (args.warmup + args.steps)
+    image_size, context, embed_dim = model_shape(args.model)
+    data = ContinualDataModule(
+        "benchmarks.align_throughput.synthetic_pairs",
+        {"n": n, "image_size": image_size, "context_length": context},
+        sample_keys=["image", "label", "text", "task"],
+        batch_size=args.batch_size,
+        data_on_device=True,
+    )
+    spec = {"model": args.model, "projection": "none"}
+    module = ContrastiveAligner(
+        encoders={"image": {**spec, "type": "open_clip_visual", "normalize": False}, "text": spec},
+        embed_dim=embed_dim,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=1e-4),
+    )
+    trainer = Trainer(
+        accelerator=device.type,
+        devices=1,
+        precision=args.precision,
+        max_epochs=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timing()],
+    )
+    trainer.fit(module, data)
+    return args.batch_size * args.steps / (timer.end - timer.start)
+
+
+def model_shape(name: str) -> tuple[int, int, int]:
+    import open_clip
+
+    import app.modalities  # noqa: F401 - registers mneme-tiny-clip
+
+    cfg = open_clip.get_model_config(name)
+    size = cfg["vision_cfg"]["image_size"]
+    return size, cfg["text_cfg"].get("context_length", 77), cfg["embed_dim"]
+
+
+def run_plain(args, device: torch.device) -> float:
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    model = open_clip.create_model(args.model, pretrained=None, force_custom_text=True).to(device)
+    model.train()
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4
+    )
+    loss_fn = ClipLoss()
+    image_size, context, _ = model_shape(args.model)
+    data = pair_tensors(args.batch_size * (args.warmup + args.steps), image_size, context)
+    images, texts = data["image"].to(device), data["text"].to(device)
+    autocast = args.precision.startswith("bf16") or args.precision.startswith("16")
+    dtype = torch.bfloat16 if args.precision.startswith("bf16") else torch.float16
+    timer = StepTimer(args.warmup, device)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).to(device)
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            timer.start = timer.tick()
+        index = order[step * args.batch_size : (step + 1) * args.batch_size]
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            a = model.encode_image(images[index], normalize=True)
+            b = model.encode_text(texts[index], normalize=True)
+            loss = loss_fn(a, b, model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+    timer.end = timer.tick()
+    return args.batch_size * args.steps / (timer.end - timer.start)
+
+
+def write_section(text: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the ``## Alignment throughput`` section, keeping the rest."""
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(old):
+        new = pattern.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1)
+    else:
+        new = old.rstrip("\n") + "\n\n" + text
+    path.write_text(new.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mneme-tiny-clip", help="open_clip model config")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--precision", default="32-true", help="Lightning precision string")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=1, help="alternate runs, keep best")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = {"lightning": [], "plain": []}
+    for _ in range(args.repeats):  # alternate, so load changes hit both alike
+        results["lightning"].append(run_lightning(args, device))
+        results["plain"].append(run_plain(args, device))
+    best = {k: max(v) for k, v in results.items()}
+    overhead = 100 * (1 - best["lightning"] / best["plain"])
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    shown = [a for a in (argv or []) if a != "--no-write"]
+    command = "python -m benchmarks.align_throughput " + " ".join(shown)
+    text = (
+        f"{SECTION}\n\n"
+        "Pairs per second of one image-text training step (forward, ClipLoss, backward,\n"
+        "AdamW, logit-scale clamp) on the same open_clip model, batch and precision; best of\n"
+        f"{args.repeats} alternating run(s) of {args.steps} timed steps after {args.warmup} "
+        "warm-up steps.\n\n"
+        f"`{command.strip()}` on {hardware}, torch {torch.__version__}:\n\n"
+        "| runner | model | batch | precision | pairs/s |\n| --- | --- | --- | --- | --- |\n"
+        f"| Lightning + ContrastiveAligner | {args.model} | {args.batch_size} | {args.precision} "
+        f"| {best['lightning']:.0f} |\n"
+        f"| plain PyTorch loop | {args.model} | {args.batch_size} | {args.precision} "
+        f"| {best['plain']:.0f} |\n\n"
+        f"Lightning's overhead: {overhead:.1f}% (the module also applies batch transforms and "
+        "loss terms, logs per step, and keeps eval metrics).\n"
+    )
+    print(text)
+    if not args.no_write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,232 @@
+"""Experience replay: a buffer of raw past samples appended to every training batch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from callbacks.experience import ExperienceCallback
+
+Batch = dict[str, Tensor]
+POLICIES = ("reservoir", "class_balanced")
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix64 chain), so that neighbouring keys such as
+    consecutive steps give unrelated random streams. Stateless: the same keys, the same seed."""
+    h = 0
+    for key in keys:
+        z = (h ^ (key & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def _generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def _rank(trainer: Trainer | None) -> tuple[int, int]:
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
+class Replay(ExperienceCallback):
+    """Rehearsal: keep raw samples of past experiences and train on them with the new ones.
+
+    At the end of each experience the buffer is updated from that experience's training
+    tensors (``datamodule.train_experiences[k].tensors``, every key, e.g. ``image``/``text``/
+    ``label``/``task``). During training, each batch becomes the current batch plus
+    ``replay_batch_size`` buffer samples drawn uniformly without replacement (with replacement
+    only when the buffer is smaller), every key concatenated, on the device, before the
+    forward pass (the module's ``batch_transforms``). Experience 0 trains on its own data.
+
+    Policies (as Avalanche's storage policies; each sample gets a uniform random weight when
+    it is first offered, and the buffer keeps the highest weights):
+
+    - ``reservoir``: the ``buffer_size`` highest weights over everything seen, i.e. a uniform
+      sample of the whole stream so far (Avalanche's ``ReservoirSamplingBuffer``).
+    - ``class_balanced``: ``buffer_size // n_seen_classes`` per class (the remainder to the
+      smallest class ids), a reservoir within each class (Avalanche's ``ClassBalancedBuffer``
+      with ``adaptive_size=True``).
+
+    Randomness is stateless: the weights of experience ``k`` come from ``(seed, rank, k)``,
+    the replay draw of a step from ``(seed, rank, global_step, batch_idx)``, so a resumed
+    run draws exactly what an uninterrupted one would.
+
+    Under DDP each rank keeps a buffer of its own shard of each experience (indices
+    ``rank::world_size``, the training loader's sharding) and ``buffer_size`` is **per rank**:
+    the global memory is ``world_size * buffer_size``.
+
+    Args:
+        buffer_size: samples kept (per rank).
+        policy: ``reservoir`` or ``class_balanced``.
+        replay_batch_size: buffer samples appended to each training batch; default the
+            datamodule's ``batch_size`` (Avalanche's ``batch_size_mem``).
+        buffer_device: where the buffer lives; default the training device.
+        label_key: the batch key of the class label (for ``class_balanced``).
+        seed: base seed of the buffer weights and replay draws.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: callbacks.Replay
+              init_args: {buffer_size: 500, policy: class_balanced}
+    """
+
+    def __init__(
+        self,
+        buffer_size: int = 500,
+        policy: Literal["reservoir", "class_balanced"] = "reservoir",
+        replay_batch_size: int | None = None,
+        buffer_device: str | None = None,
+        label_key: str = "label",
+        seed: int = 0,
+    ) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
+        if policy not in POLICIES:
+            raise ValueError(f"Replay.policy: one of {POLICIES}, got '{policy}'")
+        if replay_batch_size is not None and replay_batch_size < 1:
+            raise ValueError(
+                f"Replay.replay_batch_size: must be at least 1, got {replay_batch_size}"
+            )
+        self.buffer_size = buffer_size
+        self.policy = policy
+        self.replay_batch_size = replay_batch_size
+        self.buffer_device = buffer_device
+        self.label_key = label_key
+        self.seed = seed
+        self.buffer: Batch = {}
+        self.weights = torch.zeros(0)
+        self.experiences: list[int] = []
+        self._trainer: Trainer | None = None
+        self._replay_n = replay_batch_size
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    # -- buffer ---------------------------------------------------------------------------
+    def update(self, tensors: Batch, experience: int, rank: int = 0, world_size: int = 1) -> None:
+        """Offer this rank's shard of ``tensors`` (one experience) to the buffer."""
+        if experience in self.experiences:  # already in (e.g. the state came from a checkpoint)
+            return
+        shard = torch.arange(rank, len(tensors[self.label_key]), world_size)
+        new_weights = torch.rand(len(shard), generator=_generator(self.seed, rank, experience))
+        weights = torch.cat([new_weights, self.weights.cpu()])
+        labels = torch.cat(
+            [tensors[self.label_key].cpu()[shard], self.buffer.get(self.label_key, shard[:0]).cpu()]
+        )
+        # Ascending, so that the kept new samples come first, as in the concatenation below.
+        keep = self._select(weights, labels).sort().values
+        new, old = keep[keep < len(shard)], keep[keep >= len(shard)] - len(shard)
+        device = self._device(tensors)
+        old_tensors = self.buffer or {key: value[:0] for key, value in tensors.items()}
+        self.buffer = {
+            key: torch.cat(
+                [
+                    value.index_select(0, shard[new].to(value.device)).to(device),
+                    old_tensors[key].to(device).index_select(0, old.to(device)),
+                ]
+            )
+            for key, value in tensors.items()
+        }
+        self.weights = weights[keep]
+        self.experiences.append(experience)
+
+    def _select(self, weights: Tensor, labels: Tensor) -> Tensor:
+        """Indices (into the candidates) the buffer keeps: the highest weights per group."""
+        if self.policy == "reservoir":
+            return weights.argsort(descending=True, stable=True)[: self.buffer_size]
+        classes = labels.unique(sorted=True)
+        quota = [self.buffer_size // len(classes)] * len(classes)
+        for i in range(self.buffer_size - sum(quota)):
+            quota[i] += 1
+        keep = []
+        for c, q in zip(classes.tolist(), quota, strict=True):
+            members = (labels == c).nonzero().squeeze(1)
+            keep.append(members[weights[members].argsort(descending=True, stable=True)[:q]])
+        return torch.cat(keep)
+
+    def _device(self, tensors: Batch) -> torch.device:
+        if self.buffer_device is not None:
+            return torch.device(self.buffer_device)
+        if self._trainer is not None:
+            return self._trainer.strategy.root_device
+        return next(iter(tensors.values())).device
+
+    def sample(self, n: int, *keys: int) -> Tensor:
+        """``n`` buffer indices, uniform without replacement (with, if the buffer is smaller),
+        from a generator seeded by ``keys``."""
+        generator = _generator(self.seed, *keys)
+        if n <= len(self):
+            return torch.randperm(len(self), generator=generator)[:n]
+        return torch.randint(len(self), (n,), generator=generator)
+
+    # -- the batch transform --------------------------------------------------------------
+    def replay(self, batch: Batch) -> Batch:
+        """Append ``replay_batch_size`` buffer samples to ``batch`` (every key)."""
+        if not len(self):
+            return batch
+        trainer = self._trainer
+        rank, _ = _rank(trainer)
+        step = (trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx) if trainer else (0, 0)
+        n = self._replay_n or len(next(iter(batch.values())))
+        index = self.sample(n, rank, *step)
+        missing = set(batch) - set(self.buffer)
+        if missing:
+            raise KeyError(
+                f"Replay: the batch has keys {sorted(missing)} that the buffer lacks "
+                f"(buffer keys: {sorted(self.buffer)})"
+            )
+        device = next(iter(self.buffer.values())).device
+        index = index.to(device, non_blocking=True)
+        out = {}
+        for key, value in batch.items():
+            out[key] = torch.cat([value, self.buffer[key].index_select(0, index).to(value)])
+        return out
+
+    # -- hooks ----------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        self._replay_n = self.replay_batch_size or getattr(trainer.datamodule, "batch_size", None)
+        pl_module.batch_transforms["replay"] = self.replay
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A buffer restored from a checkpoint arrives on the CPU: move it to its device once.
+        if self.buffer:
+            device = self._device(self.buffer)
+            self.buffer = {key: value.to(device) for key, value in self.buffer.items()}
+
+    def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        tensors = self.experience_tensors(trainer, experience)
+        self.update(tensors, experience, *_rank(trainer))
+
+    def experience_tensors(self, trainer: Trainer, experience: int) -> Batch:
+        """The training tensors of ``experience`` (override for other datamodules)."""
+        return trainer.datamodule.train_experiences[experience].tensors
+
+    # -- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer": {key: value.cpu() for key, value in self.buffer.items()},
+            "weights": self.weights.cpu(),
+            "experiences": list(self.experiences),
+            "policy": self.policy,
+            "buffer_size": self.buffer_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["policy"] != self.policy or state_dict["buffer_size"] != self.buffer_size:
+            raise ValueError(
+                f"Replay: the checkpoint's buffer is {state_dict['policy']} of size "
+                f"{state_dict['buffer_size']}, this callback {self.policy} of {self.buffer_size}"
+            )
+        self.buffer = dict(state_dict["buffer"])
+        self.weights = state_dict["weights"]
+        self.experiences = list(state_dict["experiences"])

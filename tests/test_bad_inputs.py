@@ -1,0 +1,326 @@
+"""A catalog of bad inputs, each through the real CLI in a subprocess.
+
+Every case must: exit non-zero; end with one short line ``mneme: error: ...`` that names
+the offending field or file; print no traceback; and leave an earlier run's logs and
+checkpoints byte-for-byte untouched. The cases run a few at a time (imports dominate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
+CKPT = "logs/quickstart/version_0/checkpoints/last.ckpt"
+
+
+def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
+    np.savez(path, images=images, labels=labels)
+    return str(path)
+
+
+def mnist_like(rows: int = 8100, shape=(28, 28), test_classes=None) -> tuple:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (rows, *shape), dtype=np.uint8)
+    labels = np.arange(rows) % 10
+    if test_classes is not None:
+        labels[8000:] = test_classes
+    return images, labels.astype(np.uint8)
+
+
+def file_benchmark(path: str, factory: str = "SplitMNISTFile") -> list[str]:
+    return [
+        "--data.benchmark", f"datamodules.{factory}",
+        "--data.benchmark.init_args", f"{{path: {path}, n_experiences: 5}}",
+    ]  # fmt: skip
+
+
+class Unpicklable:
+    """Stands for arbitrary code inside a pickle."""
+
+
+def make_files(d: Path) -> dict[str, str]:
+    files = {}
+    files["no_arrays"] = str(d / "no_arrays.npz")
+    np.savez(files["no_arrays"], x=np.zeros((10, 28, 28)), y=np.zeros(10))
+    files["flat_images"] = write_npz(d / "flat.npz", *mnist_like(shape=(784,)))
+    images, labels = mnist_like()
+    files["negative_labels"] = write_npz(d / "neg.npz", images, labels.astype(np.int16) - 1)
+    files["few_rows"] = write_npz(d / "few.npz", *mnist_like(rows=100))
+    files["empty_test"] = write_npz(d / "empty_test.npz", *mnist_like(test_classes=0))
+    files["color_28"] = write_npz(d / "mnist28.npz", *mnist_like())
+    ckpt = (d / CKPT).read_bytes()
+    (d / "truncated.ckpt").write_bytes(ckpt[: len(ckpt) // 2])
+    (d / "random.ckpt").write_bytes(os.urandom(4096))
+    torch.save(torch.zeros(3), d / "tensor.ckpt")
+    torch.save({"state_dict": {}, "payload": Unpicklable()}, d / "pickled.ckpt")
+    (d / "not_a_dir").write_text("a file where a folder should be")
+    (d / "bad.yaml").write_text("data:\n  batch_size: [1\n")
+    (d / "typo.yaml").write_text("data:\n  epochs_per_experiance: 2\n")
+    return files
+
+
+CASES: dict[str, tuple[list[str], list[str]]] = {
+    # id: (arguments after `mneme`, substrings the error line must contain)
+    "unknown_option": (["fit", "--config", QUICKSTART, "--modle.encoder", "x"], ["modle.encoder"]),
+    "misspelled_data_key": (
+        ["fit", "--config", QUICKSTART, "--data.epochs_per_experiance", "2"],
+        ["epochs_per_experience"],
+    ),  # noqa: E501
+    "misspelled_key_in_yaml": (
+        ["fit", "--config", QUICKSTART, "--config", "typo.yaml"],
+        ["epochs_per_experiance"],
+    ),  # noqa: E501
+    "misspelled_model_arg": (
+        ["fit", "--config", QUICKSTART, "--model.init_args.encodr", "x"],
+        ["encodr", "encoder"],
+    ),  # noqa: E501
+    "unknown_model_class": (
+        ["fit", "--config", QUICKSTART, "--model.class_path", "app.ContinualClasifier"],
+        ["app.ContinualClassifier"],
+    ),  # noqa: E501
+    "unknown_timm_model": (
+        ["fit", "--config", QUICKSTART, "--model.init_args.encoder", "resnet1000"],
+        ["model.encoder", "resnet1000"],
+    ),  # noqa: E501
+    "unknown_optimizer": (
+        ["fit", "--config", QUICKSTART, "--model.init_args.optimizer", "torch.optim.SGDD"],
+        ["torch.optim.SGD"],
+    ),  # noqa: E501
+    "negative_learning_rate": (
+        ["fit", "--config", QUICKSTART, "--model.init_args.optimizer.init_args.lr", "-1"],
+        ["model.optimizer", "learning rate"],
+    ),  # noqa: E501
+    "unknown_benchmark": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--data.benchmark",
+            "avalanche.benchmarks.classic.SplitMNISTT",
+        ],
+        ["data.benchmark.class_path"],
+    ),  # noqa: E501
+    "misspelled_benchmark_arg": (
+        ["fit", "--config", QUICKSTART, "--data.benchmark_args.n_exp", "5"],
+        ["data.benchmark_args", "n_exp"],
+    ),  # noqa: E501
+    "zero_epochs_per_experience": (
+        ["fit", "--config", QUICKSTART, "--data.epochs_per_experience", "0"],
+        ["data.epochs_per_experience"],
+    ),  # noqa: E501
+    "negative_batch_size": (
+        ["fit", "--config", QUICKSTART, "--data.batch_size", "-4"],
+        ["data.batch_size"],
+    ),  # noqa: E501
+    "zero_eval_batch_size": (
+        ["fit", "--config", QUICKSTART, "--data.eval_batch_size", "0"],
+        ["data.eval_batch_size"],
+    ),  # noqa: E501
+    "batch_size_not_a_number": (
+        ["fit", "--config", QUICKSTART, "--data.batch_size", "many"],
+        ["data.batch_size"],
+    ),  # noqa: E501
+    "zero_experiences": (
+        ["fit", "--config", QUICKSTART, "--data.benchmark_args.n_experiences", "0"],
+        ["data.benchmark_args"],
+    ),  # noqa: E501
+    "more_experiences_than_classes": (
+        ["fit", "--config", QUICKSTART, "--data.benchmark_args.n_experiences", "20"],
+        ["data.benchmark_args", "n_experiences"],
+    ),  # noqa: E501
+    "sample_keys_without_label": (
+        ["fit", "--config", QUICKSTART, "--data.sample_keys", "[image, y, task]"],
+        ["data.sample_keys"],
+    ),  # noqa: E501
+    "missing_config_file": (["fit", "--config", "nonexistent.yaml"], ["nonexistent.yaml"]),
+    "malformed_yaml": (["fit", "--config", QUICKSTART, "--config", "bad.yaml"], ["YAML"]),
+    "unknown_subcommand": (["train", "--config", QUICKSTART], ["train"]),
+    "missing_npz": (
+        ["fit", "--config", QUICKSTART, *file_benchmark("missing.npz")],
+        ["path", "missing.npz"],
+    ),  # noqa: E501
+    "npz_without_arrays": (
+        ["fit", "--config", QUICKSTART, *file_benchmark("no_arrays.npz")],
+        ["no_arrays.npz", "images"],
+    ),  # noqa: E501
+    "images_of_wrong_shape": (
+        ["fit", "--config", QUICKSTART, *file_benchmark("flat.npz")],
+        ["flat.npz", "shape"],
+    ),  # noqa: E501
+    "labels_out_of_range": (
+        ["fit", "--config", QUICKSTART, *file_benchmark("neg.npz")],
+        ["labels"],
+    ),  # noqa: E501
+    "too_few_rows": (["fit", "--config", QUICKSTART, *file_benchmark("few.npz")], ["few.npz"]),
+    "empty_test_experiences": (
+        ["fit", "--config", QUICKSTART, *file_benchmark("empty_test.npz")],
+        ["data.benchmark"],
+    ),  # noqa: E501
+    "channels_do_not_match": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.init_args.input_shape",
+            "[3, 8, 8]",
+            "--model.init_args.num_classes",
+            "10",
+        ],
+        ["model.input_shape"],
+    ),  # noqa: E501
+    "too_few_classes_in_model": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--model.init_args.input_shape",
+            "[1, 8, 8]",
+            "--model.init_args.num_classes",
+            "5",
+        ],
+        ["model.num_classes"],
+    ),  # noqa: E501
+    "missing_checkpoint": (
+        ["fit", "--config", QUICKSTART, "--ckpt_path", "nope.ckpt"],
+        ["ckpt_path", "nope.ckpt"],
+    ),  # noqa: E501
+    "truncated_checkpoint": (
+        ["test", "--config", QUICKSTART, "--ckpt_path", "truncated.ckpt"],
+        ["ckpt_path", "truncated.ckpt"],
+    ),  # noqa: E501
+    "corrupted_checkpoint": (
+        ["fit", "--config", QUICKSTART, "--ckpt_path", "random.ckpt"],
+        ["ckpt_path", "random.ckpt"],
+    ),  # noqa: E501
+    "not_a_checkpoint": (
+        ["test", "--config", QUICKSTART, "--ckpt_path", "tensor.ckpt"],
+        ["ckpt_path", "tensor.ckpt"],
+    ),  # noqa: E501
+    "checkpoint_with_pickled_code": (
+        ["test", "--config", QUICKSTART, "--ckpt_path", "pickled.ckpt"],
+        ["ckpt_path", "pickled.ckpt"],
+    ),  # noqa: E501
+    "checkpoint_of_another_stream": (
+        ["test", "--config", QUICKSTART, *file_benchmark("mnist28.npz"), "--ckpt_path", CKPT],
+        ["model.input_shape"],
+    ),  # noqa: E501
+    "unwritable_log_dir": (
+        ["fit", "--config", QUICKSTART, "--trainer.logger.init_args.save_dir", "not_a_dir/logs"],
+        ["not_a_dir"],
+    ),  # noqa: E501
+    "loss_turns_nan": (
+        ["fit", "--config", QUICKSTART, "--model.init_args.optimizer.init_args.lr", "1e6"],
+        ["nan", "step", "experience"],
+    ),  # noqa: E501
+    "negative_replay_buffer": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.callbacks+=callbacks.Replay",
+            "--trainer.callbacks.init_args.buffer_size",
+            "0",
+        ],
+        ["buffer_size"],
+    ),  # noqa: E501
+    "nonpositive_lwf_temperature": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.callbacks+=callbacks.LwF",
+            "--trainer.callbacks.init_args.temperature",
+            "0",
+        ],
+        ["temperature"],
+    ),  # noqa: E501
+    "negative_ewc_lambda": (
+        [
+            "fit",
+            "--config",
+            QUICKSTART,
+            "--trainer.callbacks+=callbacks.EWC",
+            "--trainer.callbacks.init_args.ewc_lambda",
+            "-1",
+        ],
+        ["ewc_lambda"],
+    ),  # noqa: E501
+}
+
+
+def run_mneme(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("MNEME_DEBUG", None)
+    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("bad_inputs")
+    earlier = run_mneme(
+        ["fit", "--config", QUICKSTART, "--data.epochs_per_experience", "1"], workdir
+    )
+    assert earlier.returncode == 0, earlier.stderr[-2000:]
+    make_files(workdir)
+    earlier_run = workdir / "logs" / "quickstart" / "version_0"
+    before = snapshot(earlier_run)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = {name: pool.submit(run_mneme, args, workdir) for name, (args, _) in CASES.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    return results, before, snapshot(earlier_run)
+
+
+def test_catalog_has_at_least_30_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_fails_with_one_clear_line(catalog, case):
+    results, _, _ = catalog
+    result = results[case]
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mneme: error: "), result.stderr[-3000:]
+    assert len(last) < 500
+    for expected in CASES[case][1]:
+        assert expected in last, last
+
+
+def test_earlier_run_is_untouched(catalog):
+    _, before, after = catalog
+    assert "checkpoints/last.ckpt" in before and "continual_metrics.json" in before
+    assert after == before
+
+
+def test_debug_variable_shows_the_traceback(tmp_path):
+    env = {**os.environ, "MNEME_DEBUG": "1", "PYTHONWARNINGS": "ignore"}
+    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    args = ["fit", "--config", QUICKSTART, "--data.batch_size", "0"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
