@@ -8,23 +8,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from app.alignment_loss import AlignmentLoss
-from app.classifier import Batch, BatchTransform, LossTerm
+from app.continual_module import Batch, ContinualModule
 from app.metrics import ExperienceAccuracy
 from app.modalities import build_encoders
 from app.retrieval import CrossModalRecall, class_embeddings
-from datamodules.continual import experience_of
 
 DEFAULT_ENCODERS = {"image": {"model": "mneme_mlp"}, "text": {"model": "mneme-tiny-clip"}}
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps logit_scale to [0, log(100)]
 
 
-class ContrastiveAligner(LightningModule):
+class ContrastiveAligner(ContinualModule):
     """Align modalities (image, text, audio, ...) in one ``D``-dimensional, L2-normalized
     space with a symmetric InfoNCE per modality pair (open_clip's ``ClipLoss``, with
     ``gather_with_grad`` so negatives are global under DDP).
@@ -98,7 +96,7 @@ class ContrastiveAligner(LightningModule):
         input_shapes: dict[str, Sequence[int]] | None = None,
         num_classes: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, reset_optimizer)
         encoders = dict(encoders or DEFAULT_ENCODERS)
         if text_key not in encoders:
             raise ValueError(
@@ -121,14 +119,10 @@ class ContrastiveAligner(LightningModule):
             )
         self.save_hyperparameters(ignore=["optimizer"])
         self.hparams.update(encoders=encoders, pairs=[list(p) for p in pairs])
-        self.optimizer_factory = optimizer
         self.pairs = pairs
         self.text_key = text_key
         self.input_key = zero_shot_modality  # what EWC/replay-style callbacks read
         self.zero_shot_queries = [zero_shot_modality] + [q for q in queries if q != self.input_key]
-        self.loss_terms: dict[str, LossTerm] = {}
-        self.batch_transforms: dict[str, BatchTransform] = {}
-        self.experience_accuracy: ExperienceAccuracy | None = None
         self.encoders: nn.ModuleDict | None = None
         self.loss_fn = AlignmentLoss(gather_with_grad=True)
         self._zero_shot_weights: Tensor | None = None  # cached between training steps
@@ -252,22 +246,17 @@ class ContrastiveAligner(LightningModule):
         return torch.stack(list(losses.values())).mean(), losses, emb
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        for transform in self.batch_transforms.values():
-            batch = transform(batch)
+        batch = self.transform_batch(batch)
         loss, losses, emb = self.contrastive_loss(batch)
-        size = len(batch["label"])
-        for name, value in losses.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
-            self.log(f"train/logit_scale_{name}", self.logit_scales[name].exp(), batch_size=size)
         a, b = self.pairs[0]
         first = self.logit_scales[self.pair_name(self.pairs[0])].exp() * emb[a] @ emb[b].T
+        extra_logs = {}
+        if self.is_logging_step():
+            for name, value in losses.items():
+                extra_logs[f"train/loss_infonce_{name}"] = value
+                extra_logs[f"train/logit_scale_{name}"] = self.logit_scales[name].exp()
         outputs = {"logits": first, "embeddings": emb}
-        for name, term in self.loss_terms.items():
-            value = term(batch, outputs)
-            self.log(f"train/loss_{name}", value, batch_size=size)
-            loss = loss + value
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        return loss
+        return self.total_loss({"infonce": loss}, batch, outputs, extra_logs)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():
@@ -275,23 +264,15 @@ class ContrastiveAligner(LightningModule):
                 scale.clamp_(0, MAX_LOGIT_SCALE)
         self._zero_shot_weights = None  # the towers changed
 
-    def on_train_epoch_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        k = experience_of(self.trainer)
-        self.class_mask[datamodule.train_experiences[k].classes] = True
-        first_epoch = self.trainer.current_epoch % datamodule.epochs_per_experience == 0
-        if self.hparams.reset_optimizer and first_epoch and k > 0:
-            for optimizer in self.trainer.optimizers:
-                optimizer.state.clear()
+    def observe_experience(self, classes: Sequence[int], tasks: Sequence[int]) -> None:
+        self.class_mask[list(classes)] = True
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def optimizer_parameters(self) -> list[dict]:
         # open_clip's rule: no weight decay on gains, biases and temperatures (ndim < 2).
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        return self.optimizer_factory(
-            [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        )
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # -- evaluation -----------------------------------------------------------------------
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:

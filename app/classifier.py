@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from app.continual_module import Batch, ContinualModule
 from app.encoders import create_encoder, feature_dim
 from app.metrics import ExperienceAccuracy
-from datamodules.continual import experience_of
-
-Batch = dict[str, Tensor]
-# A named extra loss a callback registers: (batch, outputs) -> scalar. Outputs hold "logits"
-# and "features" of the current forward pass.
-LossTerm = Callable[[Batch, dict[str, Tensor]], Tensor]
-BatchTransform = Callable[[Batch], Batch]
 
 
-class ContinualClassifier(LightningModule):
+class ContinualClassifier(ContinualModule):
     """Image classifier for class-, task- and domain-incremental streams.
 
     Heads: one shared head when the stream has a single task label (class-/domain-
@@ -31,10 +24,8 @@ class ContinualClassifier(LightningModule):
     not seen yet (per head) are masked, which equals Avalanche's growing
     ``IncrementalClassifier`` without rebuilding layers or optimizer state.
 
-    Strategies act through two extension points that callbacks fill at ``setup``:
-    ``loss_terms`` (named extra losses, summed into the loss and logged as
-    ``train/loss_<name>``) and ``batch_transforms`` (applied to each training batch on the
-    device before the forward pass, e.g. replay).
+    Strategies act through the extension points of :class:`ContinualModule` (``loss_terms``,
+    ``batch_transforms``); training ``outputs`` hold ``logits`` and ``features``.
 
     Args:
         encoder: a timm model name (``mneme_mlp``, ``mneme_cnn``, ``resnet18``, ...).
@@ -72,14 +63,9 @@ class ContinualClassifier(LightningModule):
         input_shape: Sequence[int] | None = None,
         input_key: str = "image",
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer, reset_optimizer)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.optimizer_factory = optimizer
         self.input_key = input_key
-        self.loss_terms: dict[str, LossTerm] = {}
-        self.batch_transforms: dict[str, BatchTransform] = {}
-        self.last_loss_terms: dict[str, Tensor] = {}  # read by callbacks.FiniteLossGuard
-        self.experience_accuracy: ExperienceAccuracy | None = None
         self.encoder: nn.Module | None = None
         if num_classes is not None and input_shape is not None:
             self._build(num_classes, num_tasks or 1, tuple(input_shape))
@@ -150,37 +136,17 @@ class ContinualClassifier(LightningModule):
         return logits
 
     def observe_experience(self, classes: Sequence[int], tasks: Sequence[int]) -> None:
-        """Mark the classes of an experience as seen (idempotent, so safe on resume)."""
-        heads = list(tasks) if self.num_heads > 1 else [0]
-        for head in heads:
+        """Mark the classes of an experience as seen, per head (idempotent)."""
+        for head in list(tasks) if self.num_heads > 1 else [0]:
             self.class_mask[head, list(classes)] = True
 
     # -- training -------------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        datamodule = self.trainer.datamodule
-        k = experience_of(self.trainer)
-        experience = datamodule.train_experiences[k]
-        self.observe_experience(experience.classes, experience.tasks)
-        first_epoch = self.trainer.current_epoch % datamodule.epochs_per_experience == 0
-        if self.hparams.reset_optimizer and first_epoch and k > 0:
-            for optimizer in self.trainer.optimizers:
-                optimizer.state.clear()
-
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        for transform in self.batch_transforms.values():
-            batch = transform(batch)
+        batch = self.transform_batch(batch)
         features = self.encoder(batch[self.input_key])
         logits = self.logits(features, batch["task"])
-        outputs = {"logits": logits, "features": features}
         terms = {"ce": F.cross_entropy(logits, batch["label"])}
-        terms.update({name: term(batch, outputs) for name, term in self.loss_terms.items()})
-        size = len(logits)
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
-        self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
-        loss = sum(terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        return loss
+        return self.total_loss(terms, batch, {"logits": logits, "features": features})
 
     # -- evaluation -----------------------------------------------------------------------
     def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
@@ -190,9 +156,3 @@ class ContinualClassifier(LightningModule):
         self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
 
     test_step = validation_step
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        try:
-            return self.optimizer_factory(self.parameters())
-        except (ValueError, TypeError) as err:  # e.g. torch's "Invalid learning rate: -1.0"
-            raise ValueError(f"model.optimizer: {err}") from err
