@@ -137,7 +137,9 @@ def main(args: list[str] | None = None) -> None:
         print(USAGE)
         return
     if argv[0] not in SUBCOMMANDS:
-        sys.exit(f"mneme: unknown subcommand '{argv[0]}'; use one of {', '.join(SUBCOMMANDS)}")
+        sys.exit(
+            f"mneme: error: unknown subcommand '{argv[0]}'; use one of {', '.join(SUBCOMMANDS)}"
+        )
     warnings.filterwarnings("ignore", message="no QP solver found")  # avalanche's import
     if os.environ.get("MNEME_DEBUG"):
         build_cli(args)

@@ -173,9 +173,12 @@ class ContinualDataModule(LightningDataModule):
         if self._scenario is None:
             try:
                 scenario = self.factory(**self.benchmark_args)
-            except (ValueError, TypeError, AssertionError, IndexError) as err:
+            except (ValueError, TypeError, AssertionError, IndexError, KeyError) as err:
                 # Avalanche's own checks (e.g. classes not divisible into experiences)
-                raise ValueError(f"data.benchmark_args: {err} (for {self.benchmark})") from err
+                message = (
+                    str(err) if str(err).startswith("data.") else f"data.benchmark_args: {err!s}"
+                )
+                raise ValueError(f"{message} (for {self.benchmark})") from err
             self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
             self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
             self._scenario = scenario

@@ -33,20 +33,42 @@ def read_manifest(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.benchmark_args: no CSV at '{path}'")
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        columns = reader.fieldnames or []
-        for field, key in (
-            ("img_key", img_key),
-            ("caption_key", caption_key),
-            ("label_key", label_key),
-        ):
-            if key is not None and key not in columns:
-                raise ValueError(
-                    f"data.benchmark_args.{field}: no column '{key}' in '{path}' (columns: "
-                    f"{columns}; check separator={separator!r})"
-                )
-        return list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            columns = reader.fieldnames or []
+            for field, key in (
+                ("img_key", img_key),
+                ("caption_key", caption_key),
+                ("label_key", label_key),
+            ):
+                if key is not None and key not in columns:
+                    raise ValueError(
+                        f"data.benchmark_args.{field}: no column '{key}' in '{path}' (columns: "
+                        f"{columns}; check separator={separator!r})"
+                    )
+            rows = list(reader)
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data.benchmark_args: '{path}' is not UTF-8 text ({err.reason} at byte "
+            f"{err.start}); re-save it as UTF-8"
+        ) from None
+    empty = [i + 2 for i, row in enumerate(rows) if not (row.get(caption_key) or "").strip()]
+    if empty:
+        raise ValueError(
+            f"data.benchmark_args.caption_key: {len(empty)} row(s) of '{path}' have an empty "
+            f"caption (first at line {empty[0]}); fill or drop them"
+        )
+    return rows
+
+
+def check_images_exist(paths: Sequence[Path], manifest: str) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data.benchmark_args: {len(missing)} image file(s) listed in '{manifest}' do not "
+            f"exist (first: '{missing[0]}'); fix the paths or set data.benchmark_args.root"
+        )
 
 
 def load_images(paths: Sequence[Path], image_size: int, channels: int) -> torch.Tensor:
@@ -117,7 +139,9 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     class_of = {name: i for i, name in enumerate(names)}
 
     def dataset(part: list[dict[str, str]], folder: Path) -> PairedTensors:
-        images = load_images([folder / r[img_key] for r in part], image_size, channels)
+        paths = [folder / r[img_key] for r in part]
+        check_images_exist(paths, test_csv if folder is not base else train_csv)
+        images = load_images(paths, image_size, channels)
         text = tokenize([r[caption_key] for r in part], tokenizer, context_length)
         return PairedTensors([images, text], torch.tensor([class_of[r[key]] for r in part]))
 

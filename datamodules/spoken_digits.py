@@ -33,6 +33,9 @@ SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
 SPLITS = ("class", "accent")
 
 
+SAMPLE_RATE = 8000  # Hz, what spoken_digits.npz holds and the log-mel front end defaults to
+
+
 def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
     """``audio`` (N, T) int16, ``labels`` (N,), ``accent`` (N,) str from the ``.npz``."""
     path = Path(path)
@@ -45,6 +48,12 @@ def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
         missing = {"audio", "labels", "voice", "voice_names"} - set(arrays.files)
         if missing:
             raise ValueError(f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}")
+        rate = int(arrays["sample_rate"]) if "sample_rate" in arrays.files else SAMPLE_RATE
+        if rate != SAMPLE_RATE:
+            raise ValueError(
+                f"data.benchmark_args.path: '{path}' holds audio at {rate} Hz; the stream and "
+                f"its log-mel front end expect {SAMPLE_RATE} Hz: resample it first"
+            )
         names = arrays["voice_names"]
         accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
         return {

@@ -45,6 +45,12 @@ def _split_benchmark(
 ):
     from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
 
+    missing = sorted(set(train.targets) - set(test.targets))
+    if missing:
+        raise ValueError(
+            f"data.benchmark_args: classes {missing} have training samples but no test "
+            "samples; a class-incremental split needs both for every class"
+        )
     return nc_benchmark(
         train_dataset=train,
         test_dataset=test,
@@ -126,6 +132,11 @@ def load_mnist_npz(path: str | Path):
             f"data.benchmark_args.path: '{path}' has images of shape {images.shape} and "
             f"{len(labels)} labels; expected (N, H, W) images, one label each, N > "
             f"{MNIST_TRAIN_ROWS}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+        raise ValueError(
+            f"data.benchmark_args.path: '{path}' labels must be integer class indices >= 0, "
+            f"got dtype {labels.dtype} with minimum {labels.min()}"
         )
     x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
     x = (x - MNIST_MEAN) / MNIST_STD

@@ -41,7 +41,7 @@ def mnist_like(rows: int = 8100, shape=(28, 28), test_classes=None) -> tuple:
 def file_benchmark(path: str, factory: str = "SplitMNISTFile") -> list[str]:
     return [
         "--data.benchmark", f"datamodules.{factory}",
-        "--data.benchmark.init_args", f"{{path: {path}, n_experiences: 5}}",
+        "--data.benchmark_args", f"{{path: {path}, n_experiences: 5}}",
     ]  # fmt: skip
 
 
@@ -65,12 +65,44 @@ def make_files(d: Path) -> dict[str, str]:
     torch.save(torch.zeros(3), d / "tensor.ckpt")
     torch.save({"state_dict": {}, "payload": Unpicklable()}, d / "pickled.ckpt")
     (d / "not_a_dir").write_text("a file where a folder should be")
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 60 * i, dtype=np.uint8)).save(d / f"img{i}.png")
+    rows = [f"img{i}.png\ta digit {i}" for i in range(4)]
+    header = "filepath\ttitle\n"
+    (d / "missing_images.tsv").write_text(header + "\n".join(rows + ["gone.png\ta lost one"]))
+    (d / "empty_caption.tsv").write_text(header + "\n".join(rows + ["img0.png\t "]))
+    (d / "latin1.tsv").write_bytes(
+        (header + "\n".join(rows + ["img1.png\tcaf\xe9"])).encode("latin-1")
+    )
+    (d / "no_title.tsv").write_text("filepath\tcaption\n" + "\n".join(rows))
+    np.savez(
+        d / "audio_16k.npz", audio=np.zeros((20, 16000), np.int16), labels=np.arange(20) % 10,
+        voice=np.zeros(20, np.int16), voice_names=np.array(["en_m1_170_50"]), sample_rate=16000,
+    )  # fmt: skip
     (d / "bad.yaml").write_text("data:\n  batch_size: [1\n")
     (d / "typo.yaml").write_text("data:\n  epochs_per_experiance: 2\n")
     return files
 
 
+ALIGN_CSV = str(ROOT / "configs" / "align_csv.yaml")
+ALIGN_AUDIO = str(ROOT / "configs" / "align_spoken_digits.yaml")
+
+
+def csv_case(manifest: str) -> list[str]:
+    return ["fit", "--config", ALIGN_CSV, "--data.benchmark_args.train_csv", manifest]
+
+
 CASES: dict[str, tuple[list[str], list[str]]] = {
+    "csv_missing_image_files": (csv_case("missing_images.tsv"), ["missing_images.tsv", "gone.png"]),  # noqa: E501
+    "csv_empty_caption": (csv_case("empty_caption.tsv"), ["caption", "line 6"]),
+    "csv_bad_encoding": (csv_case("latin1.tsv"), ["latin1.tsv", "UTF-8"]),
+    "csv_missing_column": (csv_case("no_title.tsv"), ["caption_key", "title"]),
+    "audio_wrong_sample_rate": (
+        ["fit", "--config", ALIGN_AUDIO, "--data.benchmark_args.path", "audio_16k.npz"],
+        ["16000 Hz", "8000"],
+    ),  # noqa: E501
     # id: (arguments after `mneme`, substrings the error line must contain)
     "unknown_option": (["fit", "--config", QUICKSTART, "--modle.encoder", "x"], ["modle.encoder"]),
     "misspelled_data_key": (
@@ -109,7 +141,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "--data.benchmark",
             "avalanche.benchmarks.classic.SplitMNISTT",
         ],
-        ["data.benchmark.class_path"],
+        ["data.benchmark", "SplitMNISTT"],
     ),  # noqa: E501
     "misspelled_benchmark_arg": (
         ["fit", "--config", QUICKSTART, "--data.benchmark_args.n_exp", "5"],
