@@ -20,3 +20,15 @@ def digits_stream(n_experiences: int = 5, **benchmark_args) -> dict:
         "benchmark": "datamodules.SplitDigits",
         "benchmark_args": {"n_experiences": n_experiences, **benchmark_args},
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _run_in_a_scratch_folder(tmp_path_factory):
+    """Trainers without a logger write next to the working directory (Lightning's default
+    root dir); keep that out of the checkout."""
+    import os
+
+    previous = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(previous)

@@ -12,13 +12,53 @@ import pytest
 from tests.conftest import ROOT
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
-STRATEGIES = {"naive": []}
+STRATEGIES = {
+    "naive": [],
+    "ewc": [
+        "--trainer.callbacks+=callbacks.EWC",
+        "--trainer.callbacks.init_args.ewc_lambda",
+        "100",
+    ],
+    "replay": [
+        "--trainer.callbacks+=callbacks.Replay",
+        "--trainer.callbacks.init_args.buffer_size",
+        "60",
+    ],
+    "lwf": ["--trainer.callbacks+=callbacks.LwF"],
+}
+# Where each strategy's run is killed (2 epochs per experience: boundaries end epochs 1, 3, ...):
+KILL_POINTS = {
+    "naive": [
+        "--trainer.callbacks.init_args.epoch",
+        "5",
+        "--trainer.callbacks.init_args.batch",
+        "3",
+    ],
+    # after the experience-end work (Fisher), before the boundary checkpoint is written
+    "ewc": [
+        "--trainer.callbacks.init_args.epoch",
+        "3",
+        "--trainer.callbacks.init_args.hook",
+        "train_epoch_end",
+    ],
+    # during the validation that fills row 2 of the matrix
+    "replay": [
+        "--trainer.callbacks.init_args.epoch",
+        "5",
+        "--trainer.callbacks.init_args.hook",
+        "validation_batch",
+    ],
+    # the first step of a new experience (right after the teacher snapshot)
+    "lwf": ["--trainer.callbacks.init_args.epoch", "6", "--trainer.callbacks.init_args.batch", "0"],
+}
 
 
 def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     code = "import sys; from app.cli import main; main(sys.argv[1:])"
-    args = ["fit", "--config", str(CONFIG), "--trainer.deterministic", "true",
+    # the quickstart's own Replay is dropped: each test names its strategy
+    args = ["fit", "--config", str(CONFIG), "--trainer.callbacks", "[]",
+            "--trainer.deterministic", "true",
             "--trainer.logger.init_args.name", name,
             "--data.epochs_per_experience", "2"]  # fmt: skip
     return subprocess.run(
@@ -43,8 +83,9 @@ def killed_and_resumed(workdir: Path, name: str, strategy: list[str], *kill: str
     killer = ["--trainer.callbacks+=tests.killer.KillAt", *kill]
     killed = fit(workdir, name, *strategy, *killer)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    first = workdir / "logs" / name / "version_0"
-    resumed = fit(workdir, name, *strategy, "--ckpt_path", str(first / "checkpoints" / "last.ckpt"))
+    last = workdir / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
+    resume = ["--ckpt_path", str(last)] if last.exists() else []  # killed before any save
+    resumed = fit(workdir, name, *strategy, *resume)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     return workdir / "logs" / name / "version_1"
 
@@ -55,9 +96,38 @@ def test_sigkill_then_resume_gives_the_same_matrix(workdir, strategy):
     reference = fit(workdir, f"{strategy}_ref", *args)
     assert reference.returncode == 0, reference.stderr[-2000:]
     expected = matrix_of(workdir / "logs" / f"{strategy}_ref" / "version_0")
-    # killed inside experience 2 (epoch 5, batch 3): resumes from the end of epoch 4
-    log_dir = killed_and_resumed(
-        workdir, strategy, args, "--trainer.callbacks.init_args.epoch", "5",
-        "--trainer.callbacks.init_args.batch", "3",
-    )  # fmt: skip
+    log_dir = killed_and_resumed(workdir, strategy, args, *KILL_POINTS[strategy])
     assert matrix_of(log_dir) == pytest.approx(expected, abs=1e-6)
+
+
+# The full sweep (issue: kill a 5-experience run at 10 points): `pytest -m slow`.
+COMBINED = [*STRATEGIES["replay"], *STRATEGIES["ewc"]]
+SWEEP = {
+    "first_batch": ("train_batch", 0, 0),
+    "inside_experience_0": ("train_batch", 0, 5),
+    "after_fisher_and_buffer_update_of_experience_0": ("train_epoch_end", 1, 0),
+    "validation_of_experience_0": ("validation_batch", 1, 0),
+    "first_batch_of_experience_1": ("train_batch", 2, 0),
+    "between_epochs_of_experience_1": ("train_epoch_end", 2, 0),
+    "inside_experience_2": ("train_batch", 4, 4),
+    "validation_of_experience_3": ("validation_batch", 7, 1),
+    "after_fisher_and_buffer_update_of_experience_3": ("train_epoch_end", 7, 0),
+    "last_epoch": ("train_batch", 9, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def combined_reference(workdir):
+    result = fit(workdir, "combined_ref", *COMBINED)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return matrix_of(workdir / "logs" / "combined_ref" / "version_0")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", sorted(SWEEP))
+def test_fault_sweep(workdir, combined_reference, point):
+    hook, epoch, batch = SWEEP[point]
+    kill = ["--trainer.callbacks.init_args.hook", hook, "--trainer.callbacks.init_args.epoch",
+            str(epoch), "--trainer.callbacks.init_args.batch", str(batch)]  # fmt: skip
+    log_dir = killed_and_resumed(workdir, f"sweep_{point}", COMBINED, *kill)
+    assert matrix_of(log_dir) == pytest.approx(combined_reference, abs=1e-6)
