@@ -21,6 +21,11 @@ NOISE = (
     "Does not validate against any of the types",
     "Validation failed:",
     "tip: For details",
+    "Not a valid subclass",
+    "Subclass types expect",
+    "a class path (str)",
+    "a dict with",
+    "a dict without",
 )
 MAX_LENGTH = 400
 
@@ -82,6 +87,8 @@ def _suggest(key: str, known_keys: list[str] | None) -> str:
 def summarize_exception(error: BaseException) -> str:
     """One line for an exception raised while building or running a job."""
     text = str(error).strip() or type(error).__name__
+    if "Does not validate against any of the" in text:  # jsonargparse, while instantiating
+        return summarize_argument_error(text)
     if "Error(s) in loading state_dict" in text:
         detail = next((s.strip() for s in text.splitlines()[1:] if s.strip()), "")
         text = (
