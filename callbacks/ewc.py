@@ -17,13 +17,12 @@ MODES = ("separate", "online")
 
 
 class _Quadratic(torch.autograd.Function):
-    """``½ Σ_i ‖u_i‖²`` with ``u_i = r_i ⊙ θ_i + o_i``, for ``r = √(λA)``, ``o = -r ⊙ m``: that
-    is ``λ/2 Σ A (θ - m)²``, and its gradient is ``r ⊙ u``.
+    """The penalty with its gradient through autograd (``decoupled=False``).
 
-    Per step: one fused multiply-add and one norm forward, one multiply backward, each a
-    single ``torch._foreach_*`` call over all parameters (no concatenation, no temporaries
-    beyond ``u``): the fewest passes over the parameters eager PyTorch allows, however many
-    experiences are consolidated.
+    ``½ Σ_i ‖u_i‖²`` with ``u_i = r_i ⊙ θ_i + o_i``, ``r = √(λA)``, ``o = -r ⊙ m``: that is
+    ``λ/2 Σ A (θ - m)²``, and its gradient is ``r ⊙ u``. One fused multiply-add and one norm
+    forward, one in-place multiply backward, each a single ``torch._foreach_*`` call over all
+    parameters, however many experiences are consolidated.
     """
 
     @staticmethod
@@ -62,8 +61,13 @@ class EWC(ExperienceCallback):
 
     The per-step cost does not grow with the number of experiences: ``Σ_e F_e (θ-θ*_e)²``
     is folded into ``A (θ-m)² + c`` with ``A = Σ_e F_e``, ``m = Σ_e F_e θ*_e / A`` and the
-    constant ``c = Σ_e F_e (θ*_e - m)²`` (kept, so the logged value is exact), evaluated with
-    three ``torch._foreach_*`` passes over the parameters per step (see ``_Quadratic``).
+    constant ``c = Σ_e F_e (θ*_e - m)²`` (kept, so the logged value is exact), evaluated as
+    ``½ Σ u²`` with ``u = √(λA) ⊙ (θ - m)``: one ``torch._foreach_*`` pass over the
+    parameters. With ``decoupled`` (the default) its gradient ``√(λA) ⊙ u = λA (θ - m)`` is
+    added to ``.grad`` in one more pass in ``on_before_optimizer_step`` (after DDP's
+    all-reduce and AMP's unscaling, before gradient clipping): the same update as
+    back-propagating it, without the autograd round trip (measured ~10% of a step of the
+    784-400-400 MLP on CPU). The loss term then holds the exact value, without gradient.
 
     Under DDP each rank estimates on its shard of the experience (indices
     ``rank::world_size``); the sums of squared gradients and the batch counts are
@@ -80,6 +84,9 @@ class EWC(ExperienceCallback):
             subset, seeded by ``(seed, experience)``); default all of them.
         fisher_batch_size: batch size of the Fisher pass; default the datamodule's.
         seed: seed of the Fisher subset.
+        decoupled: apply the penalty's gradient right before the optimizer step (fast, for
+            Lightning's optimizer loop); ``False`` back-propagates it through the loss term,
+            for a loss used outside that loop.
 
     Example (YAML)::
 
@@ -97,13 +104,18 @@ class EWC(ExperienceCallback):
         fisher_samples: int | None = None,
         fisher_batch_size: int | None = None,
         seed: int = 0,
+        decoupled: bool = True,
     ) -> None:
+        if ewc_lambda < 0:
+            raise ValueError(f"EWC.ewc_lambda: must be non-negative, got {ewc_lambda}")
         if mode not in MODES:
             raise ValueError(f"EWC.mode: one of {MODES}, got '{mode}'")
         if mode == "online" and decay_factor is None:
             raise ValueError("EWC.decay_factor: required with mode 'online' (e.g. 0.9)")
         if mode == "separate" and decay_factor is not None:
             raise ValueError("EWC.decay_factor: only used with mode 'online'")
+        if decay_factor is not None and decay_factor < 0:
+            raise ValueError(f"EWC.decay_factor: must be non-negative, got {decay_factor}")
         for name, value in (
             ("fisher_samples", fisher_samples),
             ("fisher_batch_size", fisher_batch_size),
@@ -116,6 +128,7 @@ class EWC(ExperienceCallback):
         self.fisher_samples = fisher_samples
         self.fisher_batch_size = fisher_batch_size
         self.seed = seed
+        self.decoupled = decoupled
         # Flat Fisher and anchor over the parameters `names` (in that order): one pair per
         # consolidated experience in separate mode, the running pair in online mode.
         self.names: list[str] = []
@@ -127,6 +140,8 @@ class EWC(ExperienceCallback):
         self._offsets: list[Tensor] | None = None
         self._const = 0.0
         self._folded_lambda = ewc_lambda
+        self._u: list[Tensor] | None = None  # decoupled: √(λA) ⊙ (θ - m) of the last forward
+        self._calls = 0  # decoupled: penalty evaluations since the last optimizer step
 
     # -- the penalty ----------------------------------------------------------------------
     def penalty(self, batch: Batch, outputs: dict[str, Tensor]) -> Tensor:
@@ -135,8 +150,28 @@ class EWC(ExperienceCallback):
             return outputs["logits"].new_zeros(())
         if self._folded_lambda != self.ewc_lambda:  # λ is part of the folded coefficients
             self.consolidate()
-        value = _Quadratic.apply(self._roots, self._offsets, *self._params)
+        if self.decoupled:
+            self._calls += 1
+            with torch.no_grad():
+                self._u = torch._foreach_addcmul(self._offsets, self._roots, self._params)
+                value = torch.stack(torch._foreach_norm(self._u)).square().sum() / 2
+        else:
+            value = _Quadratic.apply(self._roots, self._offsets, *self._params)
         return value + self.ewc_lambda / 2 * self._const if self._const else value
+
+    @torch.no_grad()
+    def apply_gradient(self, accumulate_grad_batches: int = 1) -> None:
+        """Decoupled mode: add ``λA (θ - m)`` (from the last forward) to the gradients, once
+        per penalty evaluation since the last step, divided by ``accumulate_grad_batches``
+        as Lightning divides each accumulated loss (θ is the same across them)."""
+        u, calls, self._u, self._calls = self._u, self._calls, None, 0
+        if u is None or all(p.grad is None for p in self._params):  # no backward: no step
+            return
+        for p in self._params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self._params]
+        torch._foreach_addcmul_(grads, self._roots, u, value=calls / accumulate_grad_batches)
 
     def consolidate(self) -> None:
         """Fold the stored ``(F_e, θ*_e)`` into one quadratic ``A (θ - m)² + c`` and its
@@ -235,6 +270,10 @@ class EWC(ExperienceCallback):
         self.fishers = [f.to(device) for f in self.fishers]
         self.anchors = [a.to(device) for a in self.anchors]
         self.consolidate()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer):
+        if self._u is not None:
+            self.apply_gradient(trainer.accumulate_grad_batches if trainer else 1)
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         if experience in self.experiences:  # already consolidated (state from a checkpoint)

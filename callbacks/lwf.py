@@ -57,6 +57,8 @@ class LwF(ExperienceCallback):
         if temperature <= 0:
             raise ValueError(f"LwF.temperature: must be positive, got {temperature}")
         self.alpha = list(alpha) if isinstance(alpha, Sequence) else alpha
+        if min(self.alpha if isinstance(self.alpha, list) else [self.alpha], default=0) < 0:
+            raise ValueError(f"LwF.alpha: must be non-negative, got {alpha}")
         self.temperature = temperature
         self.teacher: nn.Module | None = None
         self.experience: int | None = None  # the experience the teacher serves
@@ -125,8 +127,9 @@ class LwF(ExperienceCallback):
         ``< experience``, per head (a sample's task picks its head when there are several)."""
         mask = torch.zeros(pl_module.num_heads, pl_module.num_classes, dtype=torch.bool)
         for exp in trainer.datamodule.train_experiences[:experience]:
-            labels, tasks = exp.tensors["label"].cpu(), exp.tensors["task"].cpu()
-            heads = tasks if pl_module.num_heads > 1 else torch.zeros_like(tasks)
+            labels = exp.tensors["label"].cpu()
+            tasks = exp.tensors.get("task")
+            heads = tasks.cpu() if pl_module.num_heads > 1 else torch.zeros_like(labels)
             mask[heads, labels] = True
         return mask
 

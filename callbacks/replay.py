@@ -20,9 +20,9 @@ def derive_seed(*keys: int) -> int:
     consecutive steps give unrelated random streams. Stateless: the same keys, the same seed."""
     h = 0
     for key in keys:
-        z = (h ^ (key & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+        z = ((h ^ (key & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         h = z ^ (z >> 31)
     return h >> 1
 
@@ -116,12 +116,15 @@ class Replay(ExperienceCallback):
         """Offer this rank's shard of ``tensors`` (one experience) to the buffer."""
         if experience in self.experiences:  # already in (e.g. the state came from a checkpoint)
             return
-        shard = torch.arange(rank, len(tensors[self.label_key]), world_size)
+        shard = torch.arange(rank, len(next(iter(tensors.values()))), world_size)
         new_weights = torch.rand(len(shard), generator=_generator(self.seed, rank, experience))
         weights = torch.cat([new_weights, self.weights.cpu()])
-        labels = torch.cat(
-            [tensors[self.label_key].cpu()[shard], self.buffer.get(self.label_key, shard[:0]).cpu()]
-        )
+        labels = None
+        if self.policy == "class_balanced":  # reservoir needs no label: any keys will do
+            if self.label_key not in tensors:
+                raise KeyError(f"Replay: class_balanced needs '{self.label_key}' in the data")
+            old_labels = self.buffer.get(self.label_key, shard[:0])
+            labels = torch.cat([tensors[self.label_key].cpu()[shard], old_labels.cpu()])
         # Ascending, so that the kept new samples come first, as in the concatenation below.
         keep = self._select(weights, labels).sort().values
         new, old = keep[keep < len(shard)], keep[keep >= len(shard)] - len(shard)
@@ -139,7 +142,7 @@ class Replay(ExperienceCallback):
         self.weights = weights[keep]
         self.experiences.append(experience)
 
-    def _select(self, weights: Tensor, labels: Tensor) -> Tensor:
+    def _select(self, weights: Tensor, labels: Tensor | None) -> Tensor:
         """Indices (into the candidates) the buffer keeps: the highest weights per group."""
         if self.policy == "reservoir":
             return weights.argsort(descending=True, stable=True)[: self.buffer_size]
@@ -173,17 +176,18 @@ class Replay(ExperienceCallback):
         """Append ``replay_batch_size`` buffer samples to ``batch`` (every key)."""
         if not len(self):
             return batch
-        trainer = self._trainer
-        rank, _ = _rank(trainer)
-        step = (trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx) if trainer else (0, 0)
-        n = self._replay_n or len(next(iter(batch.values())))
-        index = self.sample(n, rank, *step)
         missing = set(batch) - set(self.buffer)
         if missing:
             raise KeyError(
                 f"Replay: the batch has keys {sorted(missing)} that the buffer lacks "
                 f"(buffer keys: {sorted(self.buffer)})"
             )
+        trainer = self._trainer
+        rank, _ = _rank(trainer)
+        # (global_step, batch_idx): unique per training batch, restored on resume.
+        step = (trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx) if trainer else (0, 0)
+        n = self._replay_n or len(next(iter(batch.values())))
+        index = self.sample(n, rank, *step)
         device = next(iter(self.buffer.values())).device
         index = index.to(device, non_blocking=True)
         out = {}
