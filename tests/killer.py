@@ -13,10 +13,12 @@ from lightning.pytorch import Callback
 
 
 class KillAt(Callback):
-    def __init__(self, epoch: int, hook: str = "train_batch", batch: int = 0) -> None:
+    def __init__(
+        self, epoch: int, hook: str = "train_batch", batch: int = 0, dataloader: int = 0
+    ) -> None:
         if hook not in {"train_batch", "train_epoch_end", "validation_batch"}:
             raise ValueError(f"hook: {hook}")
-        self.epoch, self.hook, self.batch = epoch, hook, batch
+        self.epoch, self.hook, self.batch, self.dataloader = epoch, hook, batch, dataloader
 
     def _kill_if(self, trainer, hook: str, batch: int = 0) -> None:
         if (trainer.current_epoch, hook, batch) == (self.epoch, self.hook, self.batch):
@@ -29,5 +31,5 @@ class KillAt(Callback):
         self._kill_if(trainer, "train_epoch_end")
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and dataloader_idx == self.dataloader:
             self._kill_if(trainer, "validation_batch", batch_idx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,8 @@ import torch
 from tests.conftest import ROOT
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
-CKPT = "logs/quickstart/version_0/checkpoints/last.ckpt"
+EARLIER_RUN = "logs/quickstart/version_0"
+CKPT = f"{EARLIER_RUN}/checkpoints/last.ckpt"
 
 
 def write_npz(path: Path, images: np.ndarray, labels: np.ndarray) -> str:
@@ -309,20 +311,35 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def case_folder(base: Path, name: str) -> Path:
+    """A folder per case, so that concurrent runs never race for the same log version: the
+    earlier run's logs are copied, the input files linked."""
+    folder = base.parent / f"case_{name}"
+    folder.mkdir()
+    for item in base.iterdir():
+        if item.name == "logs":
+            shutil.copytree(item, folder / "logs")
+        else:
+            (folder / item.name).symlink_to(item)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("bad_inputs")
-    earlier = run_mneme(
-        ["fit", "--config", QUICKSTART, "--data.epochs_per_experience", "1"], workdir
-    )
+    base = tmp_path_factory.mktemp("bad_inputs")
+    earlier = run_mneme(["fit", "--config", QUICKSTART, "--data.epochs_per_experience", "1"], base)
     assert earlier.returncode == 0, earlier.stderr[-2000:]
-    make_files(workdir)
-    earlier_run = workdir / "logs" / "quickstart" / "version_0"
-    before = snapshot(earlier_run)
+    make_files(base)
+    before = snapshot(base / EARLIER_RUN)
+    folders = {name: case_folder(base, name) for name in CASES}
+
+    def run_case(name: str):
+        result = run_mneme(CASES[name][0], folders[name])
+        return result, snapshot(folders[name] / EARLIER_RUN)
+
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(run_mneme, args, workdir) for name, (args, _) in CASES.items()}
-        results = {name: future.result() for name, future in futures.items()}
-    return results, before, snapshot(earlier_run)
+        results = dict(zip(CASES, pool.map(run_case, CASES), strict=True))
+    return results, before
 
 
 def test_catalog_has_at_least_30_cases():
@@ -331,8 +348,8 @@ def test_catalog_has_at_least_30_cases():
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_fails_with_one_clear_line(catalog, case):
-    results, _, _ = catalog
-    result = results[case]
+    results, _ = catalog
+    result, _ = results[case]
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
@@ -342,10 +359,11 @@ def test_bad_input_fails_with_one_clear_line(catalog, case):
         assert expected in last, last
 
 
-def test_earlier_run_is_untouched(catalog):
-    _, before, after = catalog
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_earlier_run_is_untouched(catalog, case):
+    results, before = catalog
     assert "checkpoints/last.ckpt" in before and "continual_metrics.json" in before
-    assert after == before
+    assert results[case][1] == before
 
 
 def test_debug_variable_shows_the_traceback(tmp_path):

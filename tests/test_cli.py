@@ -31,9 +31,7 @@ def only_version(save_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("fit")
-    out = mneme(
-        "fit", "--config", str(QUICKSTART), "--data.epochs_per_experience", "2", cwd=cwd
-    ).stdout
+    out = mneme("fit", "--config", str(QUICKSTART), cwd=cwd).stdout
     return cwd, only_version(cwd / "logs"), out
 
 
@@ -54,6 +52,8 @@ def test_fit_writes_the_accuracy_matrix_json(quickstart_run):
     assert all(matrix[k][k] > 0.8 for k in range(5))  # each experience is learned
     final = matrix[-1]
     assert metrics["average_accuracy"] == pytest.approx(sum(final) / 5)
+    # the quickstart's replay keeps most of what naive fine-tuning forgets (~0.99)
+    assert metrics["forgetting"] < 0.3 and metrics["average_accuracy"] > 0.6
     assert "Accuracy matrix" in stdout
 
 
@@ -69,7 +69,7 @@ def test_fit_logs_scalars_heatmap_and_hparams_to_tensorboard(quickstart_run):
     assert [e.step for e in events.Scalars("continual/acc_exp0")] == [0, 1, 2, 3, 4]
     assert "continual/accuracy_matrix" in events.Tags()["images"]
     hparams = (log_dir / "hparams.yaml").read_text()
-    assert "epochs_per_experience: 2" in hparams and "encoder: mneme_mlp" in hparams
+    assert "epochs_per_experience: 6" in hparams and "encoder: mneme_mlp" in hparams
 
 
 def test_test_subcommand_evaluates_a_checkpoint_on_the_whole_stream(quickstart_run):
@@ -113,4 +113,6 @@ def test_fit_under_ddp_with_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((only_version(tmp_path / "logs") / "continual_metrics.json").read_text())
     matrix = metrics["accuracy_matrix"]
-    assert len(matrix) == 5 and all(matrix[k][k] > 0.6 for k in range(5))
+    # each rank takes half the steps of a single process: every experience is still learned
+    assert len(matrix) == 5 and all(matrix[k][k] > 0.25 for k in range(5))
+    assert metrics["average_accuracy"] > 0.5  # naive fine-tuning ends near 0.2

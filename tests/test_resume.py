@@ -110,7 +110,7 @@ SWEEP = {
     "first_batch_of_experience_1": ("train_batch", 2, 0),
     "between_epochs_of_experience_1": ("train_epoch_end", 2, 0),
     "inside_experience_2": ("train_batch", 4, 4),
-    "validation_of_experience_3": ("validation_batch", 7, 1),
+    "validation_of_experience_3": ("validation_batch", 7, 0),
     "after_fisher_and_buffer_update_of_experience_3": ("train_epoch_end", 7, 0),
     "last_epoch": ("train_batch", 9, 2),
 }
@@ -129,5 +129,7 @@ def test_fault_sweep(workdir, combined_reference, point):
     hook, epoch, batch = SWEEP[point]
     kill = ["--trainer.callbacks.init_args.hook", hook, "--trainer.callbacks.init_args.epoch",
             str(epoch), "--trainer.callbacks.init_args.batch", str(batch)]  # fmt: skip
+    if hook == "validation_batch":  # mid-validation: on the third test experience's loader
+        kill += ["--trainer.callbacks.init_args.dataloader", "2"]
     log_dir = killed_and_resumed(workdir, f"sweep_{point}", COMBINED, *kill)
     assert matrix_of(log_dir) == pytest.approx(combined_reference, abs=1e-6)
