@@ -62,8 +62,9 @@ def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
     """Read an Avalanche dataset once into contiguous tensors, one per named sample field.
 
     Avalanche yields tuples such as ``[x, y, t]``; ``sample_keys`` names their positions
-    (``["image", "label", "task"]``, or ``["image", "text", "label", "task"]`` for a
-    captioned stream). A sample without a task label gets task 0.
+    (``["image", "label", "task"]``, or ``["image", "label", "text", "task"]`` for a
+    captioned stream: Avalanche's generators read and remap the class label at position 1,
+    so ``label`` comes second). A sample without a task label gets task 0.
     """
     columns: dict[str, list[Tensor]] = {key: [] for key in sample_keys}
     for sample in DataLoader(dataset, batch_size=1024, num_workers=0):
@@ -109,8 +110,8 @@ class ContinualDataModule(LightningDataModule):
         epochs_per_experience: training epochs on each experience.
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
-        sample_keys: names of the fields of each sample, in order (must include ``label``;
-            ``task`` may be absent, then 0).
+        sample_keys: names of the fields of each sample, in order (must include ``label``,
+            second for streams made by Avalanche's generators; ``task`` may be absent, then 0).
         materialize: hold experiences in memory as tensors and slice batches (fast). Set to
             False to go through a DataLoader per sample, e.g. for random augmentation.
         data_on_device: with ``materialize``, keep the tensors on the training device.
