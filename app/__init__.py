@@ -5,7 +5,10 @@ Exports resolve lazily (PEP 562) so that ``mneme --help`` does not import Lightn
 
 import importlib
 
-_EXPORTS = {"ContinualClassifier": "app.classifier", "ContrastiveAligner": "app.aligner"}
+_EXPORTS = {
+    "ContinualClassifier": "mneme.app.classifier",
+    "ContrastiveAligner": "mneme.app.aligner",
+}
 __all__ = list(_EXPORTS)
 
 

@@ -9,13 +9,12 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.alignment_loss import AlignmentLoss
+from mneme.app.continual_module import Batch, ContinualModule
+from mneme.app.metrics import ExperienceAccuracy
+from mneme.app.modalities import build_encoders
+from mneme.app.retrieval import CrossModalRecall, class_embeddings
 from torch import Tensor, nn
-
-from app.alignment_loss import AlignmentLoss
-from app.continual_module import Batch, ContinualModule
-from app.metrics import ExperienceAccuracy
-from app.modalities import build_encoders
-from app.retrieval import CrossModalRecall, class_embeddings
 
 DEFAULT_ENCODERS = {"image": {"model": "mneme_mlp"}, "text": {"model": "mneme-tiny-clip"}}
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
@@ -44,7 +43,7 @@ class ContrastiveAligner(ContinualModule):
 
     Args:
         encoders: ``{modality: spec}``; the modality is the batch key; see
-            :func:`app.modalities.build_encoder` for the spec.
+            :func:`mneme.app.modalities.build_encoder` for the spec.
         pairs: modality pairs to align; default every pair of ``encoders``.
         embed_dim: width ``D`` of the shared space.
         label_aware: same-class pairs are positives (multi-positive InfoNCE).
@@ -66,7 +65,7 @@ class ContrastiveAligner(ContinualModule):
     Example (YAML)::
 
         model:
-          class_path: app.ContrastiveAligner
+          class_path: mneme.app.ContrastiveAligner
           init_args:
             embed_dim: 64
             encoders:

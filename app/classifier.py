@@ -8,11 +8,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.continual_module import Batch, ContinualModule
+from mneme.app.encoders import create_encoder, feature_dim
+from mneme.app.metrics import ExperienceAccuracy
 from torch import Tensor, nn
-
-from app.continual_module import Batch, ContinualModule
-from app.encoders import create_encoder, feature_dim
-from app.metrics import ExperienceAccuracy
 
 
 class ContinualClassifier(ContinualModule):
@@ -42,7 +41,7 @@ class ContinualClassifier(ContinualModule):
     Example (YAML)::
 
         model:
-          class_path: app.ContinualClassifier
+          class_path: mneme.app.ContinualClassifier
           init_args:
             encoder: mneme_mlp
             encoder_args: {hidden: [400, 400]}

@@ -35,10 +35,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
-
-    from app.errors import summarize_argument_error
-    from callbacks import ContinualMetrics, FiniteLossGuard
-    from datamodules import ContinualDataModule
+    from mneme.app.errors import summarize_argument_error
+    from mneme.callbacks import ContinualMetrics, FiniteLossGuard
+    from mneme.datamodules import ContinualDataModule
 
     class MnemeCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -149,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
     except ConfigError as error:
         sys.exit(f"mneme: error: {error}")
     except (ValueError, TypeError, OSError, RuntimeError, KeyError, ImportError) as error:
-        from app.errors import summarize_exception
+        from mneme.app.errors import summarize_exception
 
         sys.exit(f"mneme: error: {summarize_exception(error)} (MNEME_DEBUG=1 shows the traceback)")
 

@@ -8,10 +8,9 @@ from collections.abc import Callable, Sequence
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.metrics import ExperienceAccuracy
+from mneme.datamodules.continual import experience_of
 from torch import Tensor
-
-from app.metrics import ExperienceAccuracy
-from datamodules.continual import experience_of
 
 Batch = dict[str, Tensor]
 # A named extra loss a callback registers: (batch, outputs) -> scalar. ``outputs`` holds what

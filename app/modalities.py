@@ -3,7 +3,7 @@
 Encoders are named in config by ``type`` (a key of :data:`ENCODER_TYPES`) and ``model`` (a timm
 model name or an open_clip model config name); the modality's default type is used when
 ``type`` is left out. Builders come from the ecosystem: timm's ``create_model`` (through
-:func:`app.encoders.create_encoder`) for images and spectrograms, open_clip's
+:func:`mneme.app.encoders.create_encoder`) for images and spectrograms, open_clip's
 ``create_model``/``get_tokenizer`` for the CLIP towers and the BPE tokenizer bundled with
 open_clip. Nothing downloads unless a hub tag is named (``pretrained: openai``); local
 weights load from a file (``weights: path``).
@@ -11,7 +11,7 @@ weights load from a file (``weights: path``).
 Example (YAML)::
 
     model:
-      class_path: app.ContrastiveAligner
+      class_path: mneme.app.ContrastiveAligner
       init_args:
         embed_dim: 64
         encoders:
@@ -33,9 +33,8 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from mneme.app.encoders import create_encoder, feature_dim
 from torch import Tensor, nn
-
-from app.encoders import create_encoder, feature_dim
 
 # Tiny open_clip configs for tests and CPU configs (``mneme-tiny-clip``: 2-layer width-64
 # towers, context 16), registered into open_clip's own config registry so they are named

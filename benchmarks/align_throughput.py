@@ -36,8 +36,8 @@ def pair_tensors(n: int, image_size: int, context_length: int) -> dict[str, torc
 
 def synthetic_pairs(n: int = 256, image_size: int = 16, context_length: int = 16):
     """One-experience Avalanche stream of :func:`pair_tensors` (the Lightning runner's data)."""
-    from datamodules.captions import PairedTensors
-    from datamodules.streams import _split_benchmark
+    from mneme.datamodules.captions import PairedTensors
+    from mneme.datamodules.streams import _split_benchmark
 
     t = pair_tensors(n, image_size, context_length)
     data = PairedTensors([t["image"], t["text"]], t["label"])
@@ -59,9 +59,8 @@ class StepTimer:
 
 def run_lightning(args, device: torch.device) -> float:
     from lightning.pytorch import Callback, Trainer
-
-    from app.aligner import ContrastiveAligner
-    from datamodules import ContinualDataModule
+    from mneme.app.aligner import ContrastiveAligner
+    from mneme.datamodules import ContinualDataModule
 
     timer = StepTimer(args.warmup, device)
 
@@ -105,9 +104,8 @@ def run_lightning(args, device: torch.device) -> float:
 
 
 def model_shape(name: str) -> tuple[int, int, int]:
+    import mneme.app.modalities  # noqa: F401 - registers mneme-tiny-clip
     import open_clip
-
-    import app.modalities  # noqa: F401 - registers mneme-tiny-clip
 
     cfg = open_clip.get_model_config(name)
     size = cfg["vision_cfg"]["image_size"]

@@ -31,11 +31,11 @@ _SCENARIOS: dict[tuple, Any] = {}
 
 
 def shared_scenario(stream: str, path: str, n_experiences: int = 5, seed: int = 0):
-    """The Avalanche scenario of ``stream`` (``split``: ``datamodules.SplitMNISTFile``,
-    ``permuted``: ``datamodules.PermutedMNISTFile``), memoized per arguments."""
+    """The Avalanche scenario of ``stream`` (``split``: ``mneme.datamodules.SplitMNISTFile``,
+    ``permuted``: ``mneme.datamodules.PermutedMNISTFile``), memoized per arguments."""
     key = (stream, str(path), n_experiences, seed)
     if key not in _SCENARIOS:
-        from datamodules import PermutedMNISTFile, SplitMNISTFile
+        from mneme.datamodules import PermutedMNISTFile, SplitMNISTFile
 
         factories = {"split": SplitMNISTFile, "permuted": PermutedMNISTFile}
         if stream not in factories:

@@ -1,13 +1,13 @@
 """Continual-learning strategies and dashboards as Lightning callbacks."""
 
-from callbacks.continual_metrics import ContinualMetrics
-from callbacks.embedding_projector import EmbeddingProjector
-from callbacks.ewc import EWC
-from callbacks.experience import ExperienceCallback
-from callbacks.feature_distillation import FeatureDistillation
-from callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
-from callbacks.lwf import LwF
-from callbacks.replay import Replay
+from mneme.callbacks.continual_metrics import ContinualMetrics
+from mneme.callbacks.embedding_projector import EmbeddingProjector
+from mneme.callbacks.ewc import EWC
+from mneme.callbacks.experience import ExperienceCallback
+from mneme.callbacks.feature_distillation import FeatureDistillation
+from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
+from mneme.callbacks.lwf import LwF
+from mneme.callbacks.replay import Replay
 
 __all__ = [
     "EmbeddingProjector",

@@ -12,9 +12,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-
-from app.metrics import summarize
-from datamodules.continual import experience_of
+from mneme.app.metrics import summarize
+from mneme.datamodules.continual import experience_of
 
 SUMMARY_KEYS = ("average_accuracy", "forgetting", "bwt", "fwt")
 

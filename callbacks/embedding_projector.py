@@ -6,8 +6,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-
-from callbacks.experience import ExperienceCallback
+from mneme.callbacks.experience import ExperienceCallback
 
 
 class EmbeddingProjector(ExperienceCallback):
@@ -28,7 +27,7 @@ class EmbeddingProjector(ExperienceCallback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.EmbeddingProjector
+            - class_path: mneme.callbacks.EmbeddingProjector
               init_args: {samples_per_experience: 100}
     """
 

@@ -7,10 +7,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from mneme.callbacks.experience import ExperienceCallback
+from mneme.callbacks.replay import derive_seed
 from torch import Tensor, nn
-
-from callbacks.experience import ExperienceCallback
-from callbacks.replay import derive_seed
 
 Batch = dict[str, Tensor]
 MODES = ("separate", "online")
@@ -92,7 +91,7 @@ class EWC(ExperienceCallback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.EWC
+            - class_path: mneme.callbacks.EWC
               init_args: {ewc_lambda: 1000.0, mode: online, decay_factor: 0.9}
     """
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-
-from datamodules.continual import experience_of
+from mneme.datamodules.continual import experience_of
 
 
 class ExperienceCallback(Callback):

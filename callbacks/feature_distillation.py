@@ -7,9 +7,8 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from mneme.callbacks.experience import ExperienceCallback
 from torch import Tensor, nn
-
-from callbacks.experience import ExperienceCallback
 
 Batch = dict[str, Tensor]
 DISTANCES = ("cosine", "l2")
@@ -45,7 +44,7 @@ class FeatureDistillation(ExperienceCallback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.FeatureDistillation
+            - class_path: mneme.callbacks.FeatureDistillation
               init_args: {alpha: 1.0, prompt_alpha: 1.0, distance: cosine}
     """
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from mneme.datamodules.continual import experience_of
 from torch import Tensor
-
-from datamodules.continual import experience_of
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,7 +29,7 @@ class FiniteLossGuard(Callback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.FiniteLossGuard
+            - class_path: mneme.callbacks.FiniteLossGuard
     """
 
     def __init__(self, check_every_n_steps: int = 1) -> None:

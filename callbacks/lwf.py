@@ -9,9 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from mneme.callbacks.experience import ExperienceCallback
 from torch import Tensor, nn
-
-from callbacks.experience import ExperienceCallback
 
 Batch = dict[str, Tensor]
 
@@ -49,7 +48,7 @@ class LwF(ExperienceCallback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.LwF
+            - class_path: mneme.callbacks.LwF
               init_args: {alpha: 1.0, temperature: 2.0}
     """
 

@@ -6,9 +6,8 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from mneme.callbacks.experience import ExperienceCallback
 from torch import Tensor
-
-from callbacks.experience import ExperienceCallback
 
 Batch = dict[str, Tensor]
 POLICIES = ("reservoir", "class_balanced")
@@ -75,7 +74,7 @@ class Replay(ExperienceCallback):
 
         trainer:
           callbacks:
-            - class_path: callbacks.Replay
+            - class_path: mneme.callbacks.Replay
               init_args: {buffer_size: 500, policy: class_balanced}
     """
 

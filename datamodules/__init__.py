@@ -1,11 +1,11 @@
 """LightningDataModules that serve Avalanche benchmark streams, and offline built-in streams."""
 
-from datamodules.captioned_digits import SplitCaptionedDigits
-from datamodules.continual import ContinualDataModule, experience_of
-from datamodules.csv_captions import CSVCaptions
-from datamodules.spoken_digits import SpokenDigits
-from datamodules.streams import PermutedMNISTFile, SplitDigits, SplitMNISTFile
-from datamodules.tensor_batches import TensorBatches
+from mneme.datamodules.captioned_digits import SplitCaptionedDigits
+from mneme.datamodules.continual import ContinualDataModule, experience_of
+from mneme.datamodules.csv_captions import CSVCaptions
+from mneme.datamodules.spoken_digits import SpokenDigits
+from mneme.datamodules.streams import PermutedMNISTFile, SplitDigits, SplitMNISTFile
+from mneme.datamodules.tensor_batches import TensorBatches
 
 __all__ = [
     "CSVCaptions",

@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from datamodules.captions import (
+from mneme.datamodules.captions import (
     DEFAULT_TOKENIZER,
     EVAL_TEMPLATES,
     NUMBER_WORDS,
@@ -20,7 +19,7 @@ from datamodules.captions import (
     template_captions,
     tokenize,
 )
-from datamodules.streams import _split_benchmark, load_digits_tensors, load_mnist_npz
+from mneme.datamodules.streams import _split_benchmark, load_digits_tensors, load_mnist_npz
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
 
@@ -57,7 +56,7 @@ def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark facto
     Example (YAML)::
 
         data:
-          benchmark: datamodules.SplitCaptionedDigits
+          benchmark: mneme.datamodules.SplitCaptionedDigits
           benchmark_args: {n_experiences: 5, context_length: 16}
           sample_keys: [image, label, text, task]
     """

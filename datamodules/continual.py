@@ -14,10 +14,9 @@ from typing import Any
 import avalanche.benchmarks  # noqa: F401
 import torch
 from lightning.pytorch import LightningDataModule, Trainer
+from mneme.datamodules.tensor_batches import Batch, TensorBatches
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-from datamodules.tensor_batches import Batch, TensorBatches
 
 LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # what Trainer(max_epochs=None) turns into
 
@@ -40,7 +39,7 @@ def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..
     except (ImportError, AttributeError, ValueError):
         raise ValueError(
             f"data.benchmark: cannot import '{class_path}'; name a benchmark such as "
-            "avalanche.benchmarks.classic.SplitMNIST or datamodules.SplitDigits"
+            "avalanche.benchmarks.classic.SplitMNIST or mneme.datamodules.SplitDigits"
         ) from None
     try:
         inspect.signature(factory).bind(**arguments)
@@ -102,7 +101,7 @@ class ContinualDataModule(LightningDataModule):
     Args:
         benchmark: import path of any Avalanche benchmark factory or class, classic
             (``avalanche.benchmarks.classic.SplitMNIST``) or built-in
-            (``datamodules.SplitDigits``, ``SplitMNISTFile``, ``PermutedMNISTFile``, ...).
+            (``mneme.datamodules.SplitDigits``, ``SplitMNISTFile``, ``PermutedMNISTFile``, ...).
             A path, not a ``class_path``/``init_args`` pair: Avalanche's classic benchmarks
             are factory functions, which jsonargparse cannot type as a subclass.
         benchmark_args: its keyword arguments; one can be overridden from the command line
@@ -128,7 +127,7 @@ class ContinualDataModule(LightningDataModule):
 
     def __init__(
         self,
-        benchmark: str = "datamodules.SplitDigits",
+        benchmark: str = "mneme.datamodules.SplitDigits",
         benchmark_args: dict[str, Any] | None = None,
         epochs_per_experience: int = 1,
         batch_size: int = 64,

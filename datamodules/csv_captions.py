@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from datamodules.captions import DEFAULT_TOKENIZER, PairedTensors, tokenize
-from datamodules.streams import _split_benchmark
+from mneme.datamodules.captions import DEFAULT_TOKENIZER, PairedTensors, tokenize
+from mneme.datamodules.streams import _split_benchmark
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
 
@@ -110,7 +109,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark: datamodules.CSVCaptions
+          benchmark: mneme.datamodules.CSVCaptions
           benchmark_args: {train_csv: data/train.tsv, img_key: filepath, caption_key: title,
                       label_key: label, n_experiences: 2}
           sample_keys: [image, label, text, task]

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from datamodules.captions import (
+from mneme.datamodules.captions import (
     DEFAULT_TOKENIZER,
     EVAL_TEMPLATES,
     NUMBER_WORDS,
@@ -27,7 +26,7 @@ from datamodules.captions import (
     template_captions,
     tokenize,
 )
-from datamodules.streams import _split_benchmark, load_digits_tensors
+from mneme.datamodules.streams import _split_benchmark, load_digits_tensors
 
 SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
 SPLITS = ("class", "accent")
@@ -98,7 +97,7 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark: datamodules.SpokenDigits
+          benchmark: mneme.datamodules.SpokenDigits
           benchmark_args: {path: ../shared/data/spoken_digits.npz, split: accent}
           sample_keys: [audio, label, image, text, task]
     """

@@ -93,7 +93,7 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     Example (YAML)::
 
         data:
-          benchmark: datamodules.SplitDigits
+          benchmark: mneme.datamodules.SplitDigits
           benchmark_args: {n_experiences: 5, seed: 0}
     """
     train, test = load_digits_tensors(test_size=test_size, seed=0)

@@ -26,7 +26,7 @@ needs_mnist = pytest.mark.skipif(
 def digits_stream(n_experiences: int = 5, **benchmark_args) -> dict:
     """ContinualDataModule arguments for SplitDigits."""
     return {
-        "benchmark": "datamodules.SplitDigits",
+        "benchmark": "mneme.datamodules.SplitDigits",
         "benchmark_args": {"n_experiences": n_experiences, **benchmark_args},
     }
 

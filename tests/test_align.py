@@ -10,10 +10,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from mneme.app.alignment_loss import AlignmentLoss
+from mneme.app.modalities import LogMel, build_encoder, mel_filterbank
+from mneme.app.retrieval import CrossModalRecall, class_embeddings
 
-from app.alignment_loss import AlignmentLoss
-from app.modalities import LogMel, build_encoder, mel_filterbank
-from app.retrieval import CrossModalRecall, class_embeddings
 from tests.conftest import ROOT
 
 D = 32
@@ -190,8 +190,8 @@ def test_class_embeddings_are_renormalized_means_of_normalized_templates():
 
 
 def test_zero_shot_accuracy_fills_experience_accuracy():
-    from app.aligner import ContrastiveAligner
-    from app.metrics import ExperienceAccuracy
+    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.metrics import ExperienceAccuracy
 
     module = ContrastiveAligner(
         encoders={"image": {"model": "mneme_mlp", "args": {"hidden": [8]}}, "text": {}},
@@ -219,14 +219,13 @@ def test_zero_shot_accuracy_fills_experience_accuracy():
 # -- callbacks and continual strategies through Lightning -------------------------------------
 def test_aligner_trains_with_replay_ewc_and_feature_distillation(tmp_path):
     from lightning.pytorch import Trainer
-
-    from app.aligner import ContrastiveAligner
-    from callbacks import EWC, ContinualMetrics, FeatureDistillation, Replay
-    from datamodules import ContinualDataModule
+    from mneme.app.aligner import ContrastiveAligner
+    from mneme.callbacks import EWC, ContinualMetrics, FeatureDistillation, Replay
+    from mneme.datamodules import ContinualDataModule
 
     torch.manual_seed(0)
     data = ContinualDataModule(
-        "datamodules.SplitCaptionedDigits",
+        "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 2},
         sample_keys=["image", "label", "text", "task"],
         batch_size=128,
@@ -283,7 +282,7 @@ def test_align_digits_config_fits_through_the_cli(tmp_path):
     # One thread per process: the 2 cores are shared, and oversubscribed BLAS threads make
     # small matmuls many times slower.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     args = ["fit", "--config", str(ROOT / "configs" / "align_digits.yaml"),
             "--data.epochs_per_experience", "2"]  # fmt: skip
     result = subprocess.run(
@@ -308,7 +307,7 @@ def test_align_digits_config_fits_through_the_cli(tmp_path):
 
 
 def test_bad_aligner_config_names_the_field():
-    from app.aligner import ContrastiveAligner
+    from mneme.app.aligner import ContrastiveAligner
 
     with pytest.raises(ValueError, match=r"model\.pairs"):
         ContrastiveAligner(pairs=[["image", "audio"]])

@@ -4,9 +4,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from mneme.datamodules import ContinualDataModule
+from mneme.datamodules.captions import EVAL_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
 
-from datamodules import ContinualDataModule
-from datamodules.captions import EVAL_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
 from tests.conftest import SHARED_DATA
 
 SPOKEN = SHARED_DATA / "spoken_digits.npz"
@@ -22,7 +22,7 @@ def decode(tokens: torch.Tensor) -> str:
 
 def test_captioned_digits_pair_each_image_with_a_caption_of_its_class():
     dm = ContinualDataModule(
-        "datamodules.SplitCaptionedDigits",
+        "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 5},
         sample_keys=["image", "label", "text", "task"],
     )
@@ -43,7 +43,7 @@ def test_captioned_digits_pair_each_image_with_a_caption_of_its_class():
 @pytest.mark.parametrize("split", ["class", "accent"])
 def test_spoken_digits_three_modalities(split):
     dm = ContinualDataModule(
-        "datamodules.SpokenDigits",
+        "mneme.datamodules.SpokenDigits",
         {"path": str(SPOKEN), "split": split},
         sample_keys=["audio", "label", "image", "text", "task"],
     )
@@ -89,7 +89,7 @@ def test_csv_manifest_with_labels_is_class_incremental(tmp_path):
     args = {"train_csv": str(path), "label_key": "label", "n_experiences": 3,
             "image_size": 16, "test_size": 0.25, "context_length": 16}  # fmt: skip
     dm = ContinualDataModule(
-        "datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
+        "mneme.datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
     )
     assert dm.num_experiences == 3 and dm.scenario.class_names == ["cat", "dog", "owl"]
     exp = dm.train_experiences[0].tensors
@@ -103,7 +103,7 @@ def test_csv_manifest_without_labels_uses_caption_index(tmp_path):
     path = write_csv(tmp_path, label=False)
     args = {"train_csv": str(path), "n_experiences": 2, "image_size": 8}
     dm = ContinualDataModule(
-        "datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
+        "mneme.datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
     )
     labels = torch.cat([e.tensors["label"] for e in dm.train_experiences + dm.test_experiences])
     assert sorted(labels.tolist()) == list(range(12))  # each caption its own class
@@ -112,7 +112,7 @@ def test_csv_manifest_without_labels_uses_caption_index(tmp_path):
 
 def test_csv_missing_column_is_a_clear_error(tmp_path):
     path = write_csv(tmp_path)
-    from datamodules import CSVCaptions
+    from mneme.datamodules import CSVCaptions
 
     with pytest.raises(ValueError, match="caption_key: no column 'caption'"):
         CSVCaptions(str(path), caption_key="caption")

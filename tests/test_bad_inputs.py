@@ -42,7 +42,7 @@ def mnist_like(rows: int = 8100, shape=(28, 28), test_classes=None) -> tuple:
 
 def file_benchmark(path: str, factory: str = "SplitMNISTFile") -> list[str]:
     return [
-        "--data.benchmark", f"datamodules.{factory}",
+        "--data.benchmark", f"mneme.datamodules.{factory}",
         "--data.benchmark_args", f"{{path: {path}, n_experiences: 5}}",
     ]  # fmt: skip
 
@@ -120,8 +120,8 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["encodr", "encoder"],
     ),  # noqa: E501
     "unknown_model_class": (
-        ["fit", "--config", QUICKSTART, "--model.class_path", "app.ContinualClasifier"],
-        ["app.ContinualClassifier"],
+        ["fit", "--config", QUICKSTART, "--model.class_path", "mneme.app.ContinualClasifier"],
+        ["mneme.app.ContinualClassifier"],
     ),  # noqa: E501
     "unknown_timm_model": (
         ["fit", "--config", QUICKSTART, "--model.init_args.encoder", "resnet1000"],
@@ -262,7 +262,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "fit",
             "--config",
             QUICKSTART,
-            "--trainer.callbacks+=callbacks.Replay",
+            "--trainer.callbacks+=mneme.callbacks.Replay",
             "--trainer.callbacks.init_args.buffer_size",
             "0",
         ],
@@ -273,7 +273,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "fit",
             "--config",
             QUICKSTART,
-            "--trainer.callbacks+=callbacks.LwF",
+            "--trainer.callbacks+=mneme.callbacks.LwF",
             "--trainer.callbacks.init_args.temperature",
             "0",
         ],
@@ -284,7 +284,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
             "fit",
             "--config",
             QUICKSTART,
-            "--trainer.callbacks+=callbacks.EWC",
+            "--trainer.callbacks+=mneme.callbacks.EWC",
             "--trainer.callbacks.init_args.ewc_lambda",
             "-1",
         ],
@@ -296,7 +296,7 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
 def run_mneme(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     env.pop("MNEME_DEBUG", None)
-    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     return subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=600,
@@ -368,7 +368,7 @@ def test_earlier_run_is_untouched(catalog, case):
 
 def test_debug_variable_shows_the_traceback(tmp_path):
     env = {**os.environ, "MNEME_DEBUG": "1", "PYTHONWARNINGS": "ignore"}
-    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     args = ["fit", "--config", QUICKSTART, "--data.batch_size", "0"]
     result = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-
-from app import ContinualClassifier
-from app.encoders import create_encoder
+from mneme.app import ContinualClassifier
+from mneme.app.encoders import create_encoder
 
 
 def test_single_head_masks_unseen_classes():

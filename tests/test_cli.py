@@ -15,7 +15,7 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 def mneme(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     result = subprocess.run(
         [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True
     )
@@ -36,7 +36,7 @@ def quickstart_run(tmp_path_factory):
 
 
 def test_help_is_quick_and_imports_nothing_heavy():
-    code = "import sys; from app.cli import main; main(['--help']); assert 'lightning' not in sys.modules and 'torch' not in sys.modules"  # noqa: E501
+    code = "import sys; from mneme.app.cli import main; main(['--help']); assert 'lightning' not in sys.modules and 'torch' not in sys.modules"  # noqa: E501
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "fit" in result.stdout and "test" in result.stdout
@@ -94,7 +94,7 @@ def test_print_config_round_trip_runs(tmp_path):
     printed = mneme("fit", "--config", str(QUICKSTART), "--print_config", cwd=tmp_path).stdout
     config = tmp_path / "printed.yaml"
     config.write_text(printed)
-    assert "datamodules.SplitDigits" in printed and "app.ContinualClassifier" in printed
+    assert "mneme.datamodules.SplitDigits" in printed and "mneme.app.ContinualClassifier" in printed
     mneme("fit", "--config", str(config), "--data.epochs_per_experience", "1", cwd=tmp_path)
     metrics = json.loads((only_version(tmp_path / "logs") / "continual_metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == 5

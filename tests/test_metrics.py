@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-from app.metrics import (
+from mneme.app.metrics import (
     ExperienceAccuracy,
     average_accuracy,
     backward_transfer,

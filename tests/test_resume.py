@@ -15,16 +15,16 @@ CONFIG = ROOT / "configs" / "quickstart.yaml"
 STRATEGIES = {
     "naive": [],
     "ewc": [
-        "--trainer.callbacks+=callbacks.EWC",
+        "--trainer.callbacks+=mneme.callbacks.EWC",
         "--trainer.callbacks.init_args.ewc_lambda",
         "100",
     ],
     "replay": [
-        "--trainer.callbacks+=callbacks.Replay",
+        "--trainer.callbacks+=mneme.callbacks.Replay",
         "--trainer.callbacks.init_args.buffer_size",
         "60",
     ],
-    "lwf": ["--trainer.callbacks+=callbacks.LwF"],
+    "lwf": ["--trainer.callbacks+=mneme.callbacks.LwF"],
 }
 # Where each strategy's run is killed (2 epochs per experience: boundaries end epochs 1, 3, ...):
 KILL_POINTS = {
@@ -55,7 +55,7 @@ KILL_POINTS = {
 
 def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    code = "import sys; from app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     # the quickstart's own Replay is dropped: each test names its strategy
     args = ["fit", "--config", str(CONFIG), "--trainer.callbacks", "[]",
             "--trainer.deterministic", "true",

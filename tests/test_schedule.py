@@ -4,10 +4,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from mneme.app import ContinualClassifier
+from mneme.callbacks import ExperienceCallback
+from mneme.datamodules import ContinualDataModule
 
-from app import ContinualClassifier
-from callbacks import ExperienceCallback
-from datamodules import ContinualDataModule
 from tests.conftest import digits_stream
 
 EXPERIENCES, EPOCHS = 5, 2

@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-from app import ContinualClassifier
-from callbacks import EWC, ContinualMetrics, LwF, Replay
-from callbacks.lwf import distillation_loss
-from callbacks.replay import derive_seed
-from datamodules import ContinualDataModule
+from mneme.app import ContinualClassifier
+from mneme.callbacks import EWC, ContinualMetrics, LwF, Replay
+from mneme.callbacks.lwf import distillation_loss
+from mneme.callbacks.replay import derive_seed
+from mneme.datamodules import ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -456,7 +455,7 @@ def test_ddp_fisher_identical_across_ranks(tmp_path):
     seed_everything(0)
     model = ContinualClassifier(encoder="mneme_mlp", encoder_args={"hidden": [32]})
     data = ContinualDataModule(
-        benchmark="datamodules.SplitDigits",
+        benchmark="mneme.datamodules.SplitDigits",
         benchmark_args={"n_experiences": 2},
         batch_size=32,
     )

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from mneme.datamodules import ContinualDataModule, TensorBatches
+from mneme.datamodules.continual import resolve_benchmark
 
-from datamodules import ContinualDataModule, TensorBatches
-from datamodules.continual import resolve_benchmark
 from tests.conftest import MNIST_NPZ, digits_stream, needs_mnist
 
 
@@ -39,7 +39,7 @@ def test_seed_changes_class_order():
 
 @needs_mnist
 def test_split_mnist_file_uses_first_8000_rows_for_training():
-    dm = ContinualDataModule("datamodules.SplitMNISTFile", {"path": str(MNIST_NPZ)})
+    dm = ContinualDataModule("mneme.datamodules.SplitMNISTFile", {"path": str(MNIST_NPZ)})
     assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
     assert sum(len(e.tensors["label"]) for e in dm.train_experiences) == 8000
     assert sum(len(e.tensors["label"]) for e in dm.test_experiences) == 2000
@@ -51,7 +51,8 @@ def test_split_mnist_file_uses_first_8000_rows_for_training():
 @needs_mnist
 def test_permuted_mnist_file_is_domain_incremental():
     dm = ContinualDataModule(
-        "datamodules.PermutedMNISTFile", {"path": str(MNIST_NPZ), "n_experiences": 3, "seed": 0}
+        "mneme.datamodules.PermutedMNISTFile",
+        {"path": str(MNIST_NPZ), "n_experiences": 3, "seed": 0},
     )
     assert dm.num_experiences == 3 and dm.num_tasks == 1
     assert all(e.classes == list(range(10)) for e in dm.train_experiences)
@@ -93,7 +94,7 @@ def test_tensor_batches_shards_across_ranks():
     [
         ("avalanche.benchmarks.classic.NoSuchBenchmark", {}, "data.benchmark"),
         ("SplitDigits", {}, "data.benchmark"),
-        ("datamodules.SplitDigits", {"n_exp": 5}, "data.benchmark_args"),
+        ("mneme.datamodules.SplitDigits", {"n_exp": 5}, "data.benchmark_args"),
     ],
 )
 def test_bad_benchmark_names_the_field(class_path, arguments, field):
