@@ -116,7 +116,7 @@ class ContrastiveAligner(ContinualModule):
                 f"model.zero_shot_modality: one of the non-text encoders {queries}, "
                 f"got {zero_shot_modality!r}"
             )
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.hparams.update(encoders=encoders, pairs=[list(p) for p in pairs])
         self.pairs = pairs
         self.text_key = text_key

@@ -63,7 +63,7 @@ class ContinualClassifier(ContinualModule):
         input_key: str = "image",
     ) -> None:
         super().__init__(optimizer, reset_optimizer)
-        self.save_hyperparameters(ignore=["optimizer"])
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.input_key = input_key
         self.encoder: nn.Module | None = None
         if num_classes is not None and input_shape is not None:

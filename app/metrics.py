@@ -5,7 +5,15 @@ sync). The pure functions below reduce an accuracy matrix ``R`` where ``R[k][j]`
 on test experience ``j`` after training experience ``k``. ``R`` has ``K <= T`` rows of ``T``
 columns (fewer rows when a run stopped early); ``k = K - 1`` denotes the last row.
 
-References: Lopez-Paz & Ranzato 2017 (GEM: ACC, BWT, FWT); Chaudhry et al. 2018 (RWalk: forgetting).
+For zero-shot models (an aligner classifying by class prompts) the MTIL protocol's figures
+(Zheng et al. 2023, ZSCL, as their evaluation code computes them) read the same matrix:
+``Transfer`` (accuracy on experiences not trained yet), ``Average`` (the whole matrix) and
+``Last`` (the last row, every experience); the untrained model's row (the baseline) is
+their zero-shot reference.
+
+References: Lopez-Paz & Ranzato 2017 (GEM: ACC, BWT, FWT); Chaudhry et al. 2018 (RWalk:
+forgetting); Rebuffi et al. 2017 (iCaRL: average incremental accuracy); Zheng et al. 2023
+(ZSCL: MTIL Transfer, Average, Last).
 """
 
 from __future__ import annotations
@@ -107,15 +115,70 @@ def forward_transfer(R: Matrix, baseline: Sequence[float] | None) -> float | Non
     return _mean([R[j - 1][j] - float(baseline[j]) for j in range(1, k + 1)])
 
 
-def summarize(R: Matrix, baseline: Sequence[float] | None = None) -> dict[str, Any]:
-    """All metrics of ``R`` as a JSON-serializable dict of plain Python values."""
+def average_incremental_accuracy(R: Matrix) -> float:
+    """mean_{k<K} ACC_k with ACC_k = mean_{j<=k} R[k][j]: the average accuracy on the
+    experiences seen so far, averaged over the K points of the run (iCaRL, Rebuffi et al. 2017;
+    the figure class-incremental papers report beside the final ACC)."""
+    R = _validate(R)
+    return _mean([average_accuracy(R[: k + 1]) for k in range(len(R))])
+
+
+def mtil_transfer_per_experience(R: Matrix) -> list[float | None]:
+    """Column ``j``: mean_{k<min(j, K)} R[k][j], the accuracy on experience ``j`` of the models
+    that have not trained on it yet (ZSCL's Transfer of one dataset); ``None`` for ``j = 0``."""
+    R = _validate(R)
+    T = len(R[0])
+    return [None] + [_mean([R[k][j] for k in range(min(j, len(R)))]) for j in range(1, T)]
+
+
+def mtil_transfer(R: Matrix) -> float | None:
+    """Transfer = mean_{1<=j<T} (mean_{k<min(j, K)} R[k][j]): zero-shot accuracy on the
+    experiences not trained yet (ZSCL, Zheng et al. 2023); ``None`` with one experience."""
+    columns = [t for t in mtil_transfer_per_experience(R) if t is not None]
+    return _mean(columns) if columns else None
+
+
+def mtil_average(R: Matrix) -> float:
+    """Average = mean_{k<K} mean_{j<T} R[k][j]: every row, every column (ZSCL's "Avg.")."""
+    R = _validate(R)
+    return _mean([_mean(row) for row in R])
+
+
+def mtil_last(R: Matrix) -> float:
+    """Last = mean_{j<T} R[K-1][j]: the last model on every experience, trained or not (ZSCL)."""
+    R = _validate(R)
+    return _mean(R[-1])
+
+
+def summarize(
+    R: Matrix, baseline: Sequence[float] | None = None, zero_shot: bool = False
+) -> dict[str, Any]:
+    """All metrics of ``R`` as a JSON-serializable dict of plain Python values.
+
+    With ``zero_shot`` (a model that classifies experiences it never trained on) the MTIL
+    figures are added: ``mtil_transfer``, ``mtil_average``, ``mtil_last``, their per-experience
+    columns, and ``zero_shot_transfer``, the Transfer the untrained model (``baseline``, the
+    zero-shot row) has on the same columns: mean_{1<=j<T} b[j].
+    """
     R = _validate(R, baseline)
-    return {
+    summary = {
         "accuracy_matrix": R,
         "average_accuracy": average_accuracy(R),
         "average_accuracy_per_experience": [average_accuracy(R[: i + 1]) for i in range(len(R))],
+        "average_incremental_accuracy": average_incremental_accuracy(R),
         "forgetting": forgetting(R),
         "bwt": backward_transfer(R),
         "fwt": forward_transfer(R, baseline),
         "baseline": None if baseline is None else [float(b) for b in baseline],
     }
+    if zero_shot:
+        unseen = [float(b) for b in baseline[1:]] if baseline is not None else []
+        summary.update(
+            mtil_transfer=mtil_transfer(R),
+            mtil_average=mtil_average(R),
+            mtil_last=mtil_last(R),
+            mtil_transfer_per_experience=mtil_transfer_per_experience(R),
+            mtil_average_per_experience=[_mean(column) for column in zip(*R, strict=True)],
+            zero_shot_transfer=_mean(unseen) if unseen else None,
+        )
+    return summary

@@ -147,7 +147,7 @@ class ContinualDataModule(LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"data.{name}: must be at least 1, got {value}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self.benchmark = benchmark
         self.benchmark_args = dict(benchmark_args or {})
         self.factory = resolve_benchmark(benchmark, self.benchmark_args)

@@ -12,9 +12,14 @@ import torch.multiprocessing as mp
 from mneme.app.metrics import (
     ExperienceAccuracy,
     average_accuracy,
+    average_incremental_accuracy,
     backward_transfer,
     forgetting,
     forward_transfer,
+    mtil_average,
+    mtil_last,
+    mtil_transfer,
+    mtil_transfer_per_experience,
     summarize,
 )
 
@@ -29,6 +34,13 @@ from mneme.app.metrics import (
 # FWT with baseline b = [0.1, 0.1, 0.2]:
 #     = ((R[0][1] - b[1]) + (R[1][2] - b[2])) / 2 = ((0.1 - 0.1) + (0.3 - 0.2)) / 2 = 0.05
 # ACC per row: [0.9, (0.7 + 0.8) / 2, 2/3] = [0.9, 0.75, 2/3]
+# Average incremental accuracy = (0.9 + 0.75 + 2/3) / 3                = 0.7722...
+# MTIL (ZSCL), B3 read as the zero-shot row:
+#   Transfer: column 1 -> R[0][1] = 0.1; column 2 -> (R[0][2] + R[1][2]) / 2 = 0.25
+#             = (0.1 + 0.25) / 2                                          = 0.175
+#   Average  = (1.2 + 1.8 + 2.0) / 9 (every cell)                         = 5/9
+#   Last     = (0.6 + 0.5 + 0.9) / 3                                      = 2/3
+#   zero-shot Transfer (the untrained row on columns 1, 2) = (0.1 + 0.2) / 2 = 0.15
 R3 = [[0.9, 0.1, 0.2], [0.7, 0.8, 0.3], [0.6, 0.5, 0.9]]
 B3 = [0.1, 0.1, 0.2]
 
@@ -50,6 +62,7 @@ def test_summarize_is_plain_json():
         "bwt",
         "fwt",
         "average_accuracy_per_experience",
+        "average_incremental_accuracy",
         "baseline",
     }
     assert s["accuracy_matrix"] == R3
@@ -58,9 +71,83 @@ def test_summarize_is_plain_json():
     assert s["bwt"] == pytest.approx(-0.3)
     assert s["fwt"] == pytest.approx(0.05)
     assert s["average_accuracy_per_experience"] == pytest.approx([0.9, 0.75, 2 / 3])
+    assert s["average_incremental_accuracy"] == pytest.approx((0.9 + 0.75 + 2 / 3) / 3)
     assert s["baseline"] == B3
     assert json.loads(json.dumps(s)) == s
     assert summarize(R3)["fwt"] is None and summarize(R3)["baseline"] is None
+
+
+def test_average_incremental_accuracy_by_hand():
+    assert average_incremental_accuracy(R3) == pytest.approx((0.9 + 0.75 + 2 / 3) / 3)
+    # a partial run: rows after experiences 0 and 1 only -> (0.8 + (0.6 + 0.9) / 2) / 2
+    assert average_incremental_accuracy([[0.8, 0.2, 0.1], [0.6, 0.9, 0.3]]) == pytest.approx(0.775)
+    assert average_incremental_accuracy([[0.7, 0.1]]) == pytest.approx(0.7)
+
+
+def test_mtil_figures_of_the_worked_example():
+    assert mtil_transfer_per_experience(R3) == [None, pytest.approx(0.1), pytest.approx(0.25)]
+    assert mtil_transfer(R3) == pytest.approx(0.175)
+    assert mtil_average(R3) == pytest.approx(5 / 9)
+    assert mtil_last(R3) == pytest.approx(2 / 3)
+    s = summarize(R3, B3, zero_shot=True)
+    assert s["mtil_transfer"] == pytest.approx(0.175)
+    assert s["mtil_average"] == pytest.approx(5 / 9)
+    assert s["mtil_last"] == pytest.approx(2 / 3)
+    assert s["zero_shot_transfer"] == pytest.approx(0.15)
+    # column means: (0.9 + 0.7 + 0.6) / 3, (0.1 + 0.8 + 0.5) / 3, (0.2 + 0.3 + 0.9) / 3
+    assert s["mtil_average_per_experience"] == pytest.approx([2.2 / 3, 1.4 / 3, 1.4 / 3])
+    assert json.loads(json.dumps(s)) == s
+    assert "mtil_transfer" not in summarize(R3, B3)  # a model that is not zero-shot
+
+
+def test_mtil_figures_match_zscl_evaluation_code():
+    """ZSCL's own reduction (mtil/results.ipynb, Zheng et al. 2023) of a full T x T matrix:
+    transfer = mean_i mean_{j<i} A[j, i] for i >= 1; avg = mean of column means; last =
+    mean of the last row."""
+    generator = torch.Generator().manual_seed(0)
+    A = torch.rand(6, 6, generator=generator, dtype=torch.float64)
+    transfer = torch.stack([A[:i, i].mean() for i in range(1, 6)]).mean().item()
+    assert mtil_transfer(A.tolist()) == pytest.approx(transfer)
+    assert mtil_average(A.tolist()) == pytest.approx(A.mean(dim=0).mean().item())
+    assert mtil_last(A.tolist()) == pytest.approx(A[-1].mean().item())
+
+
+def test_mtil_figures_of_a_partial_run_and_of_one_experience():
+    # K = 2 of T = 3: column 2 has both rows before it is trained on
+    # Transfer = (R[0][1] + (R[0][2] + R[1][2]) / 2) / 2 = (0.2 + 0.2) / 2 = 0.2
+    # Average = (0.8 + 0.2 + 0.1 + 0.6 + 0.9 + 0.3) / 6 = 2.9 / 6; Last = 1.8 / 3 = 0.6
+    R = [[0.8, 0.2, 0.1], [0.6, 0.9, 0.3]]
+    s = summarize(R, [0.3, 0.3, 0.5], zero_shot=True)
+    assert s["mtil_transfer"] == pytest.approx(0.2)
+    assert s["mtil_average"] == pytest.approx(2.9 / 6)
+    assert s["mtil_last"] == pytest.approx(0.6)
+    assert s["zero_shot_transfer"] == pytest.approx(0.4)
+    one = summarize([[0.7]], [0.2], zero_shot=True)
+    assert one["mtil_transfer"] is None and one["zero_shot_transfer"] is None
+    assert one["mtil_average"] == one["mtil_last"] == pytest.approx(0.7)
+    assert summarize(R3, zero_shot=True)["zero_shot_transfer"] is None  # no baseline
+
+
+def test_printed_tables():
+    from mneme.callbacks.continual_metrics import format_stage, format_summary
+
+    text = format_summary(summarize(R3, B3))
+    assert "zero-shot" not in text and "MTIL" not in text
+    assert "average_accuracy=0.6667  forgetting=0.3000  bwt=-0.3000  fwt=0.0500" in text
+    assert "average_incremental_accuracy=0.7722" in text
+    lines = format_summary(summarize(R3, B3, zero_shot=True)).splitlines()
+    assert lines[3] == "zero-shot |   0.100   0.100   0.200"  # the untrained row heads the matrix
+    assert lines[4] == "        0 |   0.900   0.100   0.200"
+    assert lines[-1] == (
+        "MTIL (ZSCL): mtil_transfer=0.1750  mtil_average=0.5556  mtil_last=0.6667  "
+        "zero_shot_transfer=0.1500"
+    )
+    # `mneme test`: the same table, the average rounded as fit's
+    test = format_stage("test", [0.6, 0.5, 0.9], 2 / 3).splitlines()
+    assert test[0] == "Test accuracy (column: test experience j)"
+    assert test[3] == "     test |   0.600   0.500   0.900"
+    assert test[-1] == "average_accuracy=0.6667"
+    assert format_stage("validation", [math.nan], None).splitlines()[-1] == "average_accuracy=n/a"
 
 
 def test_summarize_accepts_tensors_and_tuples():
