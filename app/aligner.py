@@ -14,6 +14,7 @@ from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.metrics import ExperienceAccuracy
 from mneme.app.modalities import build_encoders
 from mneme.app.retrieval import CrossModalRecall, class_embeddings
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 DEFAULT_ENCODERS = {"image": {"model": "mneme_mlp"}, "text": {"model": "mneme-tiny-clip"}}
@@ -98,21 +99,21 @@ class ContrastiveAligner(ContinualModule):
         super().__init__(optimizer, reset_optimizer)
         encoders = dict(encoders or DEFAULT_ENCODERS)
         if text_key not in encoders:
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoders: zero-shot accuracy (the accuracy matrix) needs a text encoder "
                 f"under '{text_key}' (model.text_key); got {sorted(encoders)}"
             )
         pairs = [tuple(p) for p in (pairs or itertools.combinations(encoders, 2))]
         for pair in pairs:
             if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(encoders):
-                raise ValueError(
+                raise ConfigError(
                     f"model.pairs: each pair names two different modalities of model.encoders "
                     f"{sorted(encoders)}, got {list(pair)}"
                 )
         queries = [m for m in encoders if m != text_key]
         zero_shot_modality = zero_shot_modality or (queries[0] if queries else None)
         if zero_shot_modality not in queries:
-            raise ValueError(
+            raise ConfigError(
                 f"model.zero_shot_modality: one of the non-text encoders {queries}, "
                 f"got {zero_shot_modality!r}"
             )
@@ -163,7 +164,7 @@ class ContrastiveAligner(ContinualModule):
             tensors = datamodule.train_experiences[0].tensors
             missing = [m for m in self.hparams.encoders if m not in tensors]
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"model.encoders: the stream has no field {missing} (its fields: "
                     f"{sorted(tensors)}); name the fields with data.sample_keys"
                 )
@@ -189,11 +190,11 @@ class ContrastiveAligner(ContinualModule):
     def set_prompts(self, class_names: Sequence[str], templates: Sequence[str]) -> None:
         """Tokenize ``template.format(name)`` for every class and template (``(C, T, L)``)."""
         if len(class_names) < self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.class_names: {len(class_names)} names for {self.num_classes} classes"
             )
         if not templates or any("{}" not in t for t in templates):
-            raise ValueError(f"model.prompt_templates: each must contain '{{}}', got {templates}")
+            raise ConfigError(f"model.prompt_templates: each must contain '{{}}', got {templates}")
         encoder = self.encoders[self.text_key].backbone
         texts = [t.format(name) for name in class_names[: self.num_classes] for t in templates]
         tokens = encoder.tokenize(texts).view(self.num_classes, len(templates), -1)
@@ -244,18 +245,17 @@ class ContrastiveAligner(ContinualModule):
         }
         return torch.stack(list(losses.values())).mean(), losses, emb
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        batch = self.transform_batch(batch)
+    def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Any]]:
         loss, losses, emb = self.contrastive_loss(batch)
         a, b = self.pairs[0]
         first = self.logit_scales[self.pair_name(self.pairs[0])].exp() * emb[a] @ emb[b].T
-        extra_logs = {}
         if self.is_logging_step():
+            logs = {}
             for name, value in losses.items():
-                extra_logs[f"train/loss_infonce_{name}"] = value
-                extra_logs[f"train/logit_scale_{name}"] = self.logit_scales[name].exp()
-        outputs = {"logits": first, "embeddings": emb}
-        return self.total_loss({"infonce": loss}, batch, outputs, extra_logs)
+                logs[f"train/loss_infonce_{name}"] = value
+                logs[f"train/logit_scale_{name}"] = self.logit_scales[name].exp()
+            self.log_dict(logs, batch_size=len(batch["label"]))
+        return {"infonce": loss}, {"logits": first, "embeddings": emb}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         with torch.no_grad():

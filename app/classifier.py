@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import create_encoder, feature_dim
 from mneme.app.metrics import ExperienceAccuracy
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 
@@ -103,16 +104,28 @@ class ContinualClassifier(ContinualModule):
         model = {"input_shape": tuple(hp.input_shape), "num_classes": hp.num_classes}
         model["num_tasks"] = hp.num_tasks
         if model["input_shape"] != stream["input_shape"]:
-            raise ValueError(
+            raise ConfigError(
                 f"model.input_shape: the model takes inputs of shape {model['input_shape']} "
                 f"but the stream's are {stream['input_shape']}; use a model (or checkpoint) "
                 "made for this stream"
             )
         for key in ("num_classes", "num_tasks"):
             if model[key] < stream[key]:
-                raise ValueError(
+                raise ConfigError(
                     f"model.{key}: the model has {model[key]} but the stream needs "
                     f"{stream[key]}; use a model (or checkpoint) made for this stream"
+                )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of a model made for another stream is refused naming the field,
+        before its weights meet this model's shapes."""
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("input_shape", "num_classes", "num_tasks"):
+            theirs, ours = saved.get(key), self.hparams.get(key)
+            if theirs is not None and ours is not None and tuple(_seq(theirs)) != tuple(_seq(ours)):
+                raise ConfigError(
+                    f"model.{key}: the checkpoint's model has {key} {theirs}, this stream's "
+                    f"is {ours}; use the config (stream) the checkpoint was trained with"
                 )
 
     # -- forward --------------------------------------------------------------------------
@@ -140,12 +153,11 @@ class ContinualClassifier(ContinualModule):
             self.class_mask[head, list(classes)] = True
 
     # -- training -------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        batch = self.transform_batch(batch)
+    def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         features = self.encoder(batch[self.input_key])
         logits = self.logits(features, batch["task"])
         terms = {"ce": F.cross_entropy(logits, batch["label"])}
-        return self.total_loss(terms, batch, {"logits": logits, "features": features})
+        return terms, {"logits": logits, "features": features}
 
     # -- evaluation -----------------------------------------------------------------------
     def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
@@ -155,3 +167,7 @@ class ContinualClassifier(ContinualModule):
         self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
 
     test_step = validation_step
+
+
+def _seq(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from mneme.datamodules.errors import ConfigError, MnemeError
+
 USAGE = """usage: mneme {fit,validate,test,predict} --config CONFIG.yaml [options]
 
 Continual and multimodal learning on PyTorch Lightning.
@@ -29,14 +31,22 @@ subcommands:
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
+SCHEDULE_KEYS = ("max_epochs", "reload_dataloaders_every_n_epochs", "check_val_every_n_epoch")
+
+
 def build_cli(args: list[str] | None = None, run: bool = True):
     """Build (and by default run) the LightningCLI; ``run=False`` only instantiates."""
     from jsonargparse import ArgumentError
     from lightning.pytorch import LightningModule
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
     from mneme.app.errors import summarize_argument_error
-    from mneme.callbacks import ContinualMetrics, FiniteLossGuard
+    from mneme.callbacks import (
+        ContinualMetrics,
+        ExperienceCheckpoint,
+        FiniteLossGuard,
+        StreamProgressBar,
+    )
     from mneme.datamodules import ContinualDataModule
 
     class MnemeCLI(LightningCLI):
@@ -51,17 +61,37 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 raise ConfigError(summary) from None
             subcommand = self.config.get("subcommand")
             if subcommand:
-                check_checkpoint(self.config[subcommand].get("ckpt_path"))
+                config = self.config[subcommand]
+                checkpoint = check_checkpoint(config.get("ckpt_path"))
+                check_checkpoint_model(checkpoint, config["model"]["class_path"])
+
+        def _parse_ckpt_path(self) -> None:
+            # Lightning would merge the checkpoint's hyper_parameters into the config here,
+            # and their `_class_path` would decide which module gets imported: a crafted
+            # (yet weights_only-safe) checkpoint could import any installed module. The
+            # config decides the run; parse_arguments checked that the checkpoint fits it.
+            return
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ContinualMetrics, "metrics")
             parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            # Save after the experience-end work of other callbacks (Fisher, buffers), and
-            # keep last.ckpt to resume from.
-            parser.set_defaults(
-                {"checkpoint.save_last": True, "checkpoint.save_on_train_epoch_end": True}
-            )
+            parser.add_lightning_class_args(ExperienceCheckpoint, "checkpoint")
+
+        def instantiate_trainer(self, **kwargs):
+            """The trainer, with the settings the experience schedule needs (a user setting
+            that conflicts is refused, never overwritten) and the stream's progress bar."""
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            user = config["trainer"]
+            kwargs.update(self.datamodule.trainer_settings(**{k: user[k] for k in SCHEDULE_KEYS}))
+            show = user["enable_progress_bar"]
+            if show is None:  # on in an interactive terminal, off in CI logs and files
+                show = sys.stderr.isatty() and not os.environ.get("CI")
+            callbacks = user["callbacks"] or []
+            callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+            if show and not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(StreamProgressBar())
+            kwargs.update(enable_progress_bar=bool(show), callbacks=callbacks)
+            return super().instantiate_trainer(**kwargs)
 
     return MnemeCLI(
         LightningModule,
@@ -79,10 +109,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         args=args,
         run=run,
     )
-
-
-class ConfigError(ValueError):
-    """A configuration problem, already summarized in one line."""
 
 
 def known_keys(parser, message: str) -> list[str]:
@@ -104,14 +130,14 @@ def known_keys(parser, message: str) -> list[str]:
     return keys
 
 
-def check_checkpoint(ckpt_path: str | None) -> None:
+def check_checkpoint(ckpt_path: str | None) -> dict | None:
     """Fail early, in one line, on a missing, truncated or unsafe checkpoint file.
 
     Loading with ``weights_only=True`` refuses pickled code: a Mneme checkpoint holds only
     tensors and plain data, so anything else is not one of ours.
     """
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-        return
+        return None
     import torch
 
     path = Path(ckpt_path)
@@ -128,6 +154,26 @@ def check_checkpoint(ckpt_path: str | None) -> None:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(f"ckpt_path: '{path}' is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+# Class paths of checkpoints saved before the `mneme` namespace (0.1.0: `app.X`).
+LEGACY_PREFIXES = {"app.": "mneme.app."}
+
+
+def check_checkpoint_model(checkpoint: dict | None, model_class_path: str) -> None:
+    """Refuse a checkpoint whose module class is not the config's (compared as text:
+    nothing the checkpoint names is imported)."""
+    saved = (checkpoint or {}).get("hyper_parameters", {}).get("_class_path")
+    if not isinstance(saved, str):
+        return
+    for old, new in LEGACY_PREFIXES.items():
+        saved = new + saved[len(old) :] if saved.startswith(old) else saved
+    if saved != model_class_path:
+        raise ConfigError(
+            f"ckpt_path: the checkpoint holds a {saved}, but model.class_path is "
+            f"{model_class_path}; use the config the checkpoint was trained with"
+        )
 
 
 def main(args: list[str] | None = None) -> None:
@@ -139,18 +185,44 @@ def main(args: list[str] | None = None) -> None:
         sys.exit(
             f"mneme: error: unknown subcommand '{argv[0]}'; use one of {', '.join(SUBCOMMANDS)}"
         )
-    warnings.filterwarnings("ignore", message="no QP solver found")  # avalanche's import
+    quiet_known_noise()
     if os.environ.get("MNEME_DEBUG"):
         build_cli(args)
         return
     try:
         build_cli(args)
-    except ConfigError as error:
+    except MnemeError as error:
         sys.exit(f"mneme: error: {error}")
-    except (ValueError, TypeError, OSError, RuntimeError, KeyError, ImportError) as error:
-        from mneme.app.errors import summarize_exception
+    except Exception as error:
+        from mneme.app.errors import summarize_library_error
 
-        sys.exit(f"mneme: error: {summarize_exception(error)} (MNEME_DEBUG=1 shows the traceback)")
+        summary = summarize_library_error(error)
+        if summary is None:
+            raise  # not an error of the user's input: a bug, with its traceback
+        sys.exit(f"mneme: error: {summary} (MNEME_DEBUG=1 shows the traceback)")
+
+
+def quiet_known_noise() -> None:
+    """Silence third-party messages that are false or not actionable for a Mneme run, and
+    only those (each matched by its text, so every other warning stays visible)."""
+    import logging
+
+    # avalanche's import, for an optional solver that no Mneme strategy uses
+    warnings.filterwarnings("ignore", message="no QP solver found")
+    # lightning's own use of torch's pytree API, deprecated in torch 2.14: not ours to fix
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # Lightning logs on the global-step cadence across epochs, so a short experience
+    # (fewer batches than log_every_n_steps) still logs: the warning is false for a stream
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* logging")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
+
+
+class _NoAdvertising:
+    """Drops Lightning's tip to install its cloud logger."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "litlogger" not in record.getMessage()
 
 
 if __name__ == "__main__":

@@ -3,36 +3,52 @@ experience bookkeeping, and cheap logging."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.metrics import ExperienceAccuracy
-from mneme.datamodules.continual import experience_of
+from mneme.app.protocols import Batch, BatchTransform, LossTerm
+from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.schedule import current_experience, is_experience_start
 from torch import Tensor
-
-Batch = dict[str, Tensor]
-# A named extra loss a callback registers: (batch, outputs) -> scalar. ``outputs`` holds what
-# the module's forward pass produced (``logits``, ``features`` or ``embeddings``).
-LossTerm = Callable[[Batch, dict[str, Tensor]], Tensor]
-BatchTransform = Callable[[Batch], Batch]
 
 
 class ContinualModule(LightningModule):
-    """Base of the continual modules.
+    """Base of the continual modules: runs the strategies' extension points around every
+    training step, keeps the experience bookkeeping, and logs cheaply.
 
-    Strategy callbacks act through two extension points they fill at ``setup``:
-    ``loss_terms`` (named extra losses, summed into the loss and logged as
-    ``train/loss_<name>``) and ``batch_transforms`` (applied to each training batch on the
-    device before the forward pass, e.g. replay). ``ContinualMetrics`` reads
-    ``experience_accuracy``, which subclasses update in ``validation_step``/``test_step``.
-    ``FiniteLossGuard`` reads ``last_loss_terms`` to name a term that turned non-finite.
+    Extension points (callbacks register them in ``setup`` and remove them in
+    ``teardown``, through :meth:`add_loss_term` / :meth:`add_batch_transform` and their
+    ``remove_*``; see :class:`mneme.app.protocols.StrategyHost`). Every training step runs,
+    in this order:
+
+    1. the batch transforms, in registration order (the order of ``trainer.callbacks``):
+       ``transform(batch, batch_idx) -> batch``, on the device (e.g. replay appends samples);
+    2. the subclass's :meth:`training_terms` (its own loss terms and forward ``outputs``:
+       ``logits``, ``features`` or ``embeddings``);
+    3. the loss terms, in registration order: ``term(batch, outputs) -> scalar``, summed
+       with the module's own and logged as ``train/loss_<name>``.
+
+    ``training_step`` is this base's; a subclass implements ``training_terms`` instead, and
+    defining ``training_step`` in a subclass is refused, so no module can skip a strategy.
+    ``ContinualMetrics`` reads ``experience_accuracy``, which subclasses update in
+    ``validation_step``/``test_step``; ``FiniteLossGuard`` reads ``last_loss_terms``.
 
     Subclasses implement ``observe_experience`` (called at every training epoch start with
     the running experience; it must be idempotent, so a resumed run is right) and build
     ``experience_accuracy`` in ``setup``.
     """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "training_step" in cls.__dict__:
+            raise TypeError(
+                f"{cls.__name__}: implement training_terms(batch) instead of training_step; "
+                "ContinualModule.training_step runs the strategies' batch transforms and loss "
+                "terms around it"
+            )
 
     def __init__(self, optimizer: OptimizerCallable, reset_optimizer: bool) -> None:
         super().__init__()
@@ -43,34 +59,58 @@ class ContinualModule(LightningModule):
         self.last_loss_terms: dict[str, Tensor] = {}
         self.experience_accuracy: ExperienceAccuracy | None = None
 
+    # -- extension points -----------------------------------------------------------------
+    def add_loss_term(self, name: str, term: LossTerm) -> str:
+        """Register a named extra loss (logged as ``train/loss_<name>``); returns the name
+        it got (``ewc_2`` for a second ``ewc``), which ``remove_loss_term`` takes."""
+        name = _free_name(name, self.loss_terms)
+        self.loss_terms[name] = term
+        return name
+
+    def remove_loss_term(self, name: str) -> None:
+        self.loss_terms.pop(name, None)
+
+    def add_batch_transform(self, name: str, transform: BatchTransform) -> str:
+        """Register a transform of each training batch, applied before the forward pass;
+        returns the name it got, which ``remove_batch_transform`` takes."""
+        name = _free_name(name, self.batch_transforms)
+        self.batch_transforms[name] = transform
+        return name
+
+    def remove_batch_transform(self, name: str) -> None:
+        self.batch_transforms.pop(name, None)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        for transform in self.batch_transforms.values():
+            batch = transform(batch, batch_idx)
+        terms, outputs = self.training_terms(batch)
+        return self.total_loss(terms, batch, outputs)
+
+    def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The module's own loss terms and its forward outputs on a (transformed) batch."""
+        raise NotImplementedError
+
+    # -- experiences ----------------------------------------------------------------------
     def observe_experience(self, classes: Sequence[int], tasks: Sequence[int]) -> None:
         """Record what the running experience brings: its classes and task labels."""
 
     def on_train_epoch_start(self) -> None:
         datamodule = self.trainer.datamodule
-        k = experience_of(self.trainer)
+        k = current_experience(self.trainer)
         experience = datamodule.train_experiences[k]
         self.observe_experience(experience.classes, experience.tasks)
-        first_epoch = self.trainer.current_epoch % datamodule.epochs_per_experience == 0
-        if self.reset_optimizer and first_epoch and k > 0:
+        if self.reset_optimizer and is_experience_start(self.trainer) and k > 0:
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()  # Lightning keeps one optimizer for the whole fit
 
-    def transform_batch(self, batch: Batch) -> Batch:
-        for transform in self.batch_transforms.values():
-            batch = transform(batch)
-        return batch
-
-    def total_loss(
-        self, terms: dict[str, Tensor], batch: Batch, outputs: dict, extra_logs: dict | None = None
-    ) -> Tensor:
+    def total_loss(self, terms: dict[str, Tensor], batch: Batch, outputs: dict) -> Tensor:
         """Sum the module's own loss ``terms`` and the registered ``loss_terms``; log them."""
         terms = {**terms, **{name: term(batch, outputs) for name, term in self.loss_terms.items()}}
         loss = sum(terms.values())
         self.last_loss_terms = {name: value.detach() for name, value in terms.items()}
         if self.is_logging_step():
             logs = {f"train/loss_{name}": value for name, value in terms.items()}
-            self.log_dict({**logs, **(extra_logs or {})}, batch_size=len(batch["label"]))
+            self.log_dict(logs, batch_size=len(batch["label"]))
             self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["label"]))
         return loss
 
@@ -78,14 +118,23 @@ class ContinualModule(LightningModule):
         """Whether this step's values reach a logger. ``self.log`` costs about half a
         millisecond a call on a CPU (Lightning's result bookkeeping), as much as a small
         model's whole step, so values that would be dropped are not logged at all."""
-        trainer = self.trainer
-        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+        every = self.trainer.log_every_n_steps
+        return every > 0 and (self.trainer.global_step + 1) % every == 0
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         try:
             return self.optimizer_factory(self.optimizer_parameters())
         except (ValueError, TypeError) as err:  # e.g. torch's "Invalid learning rate: -1.0"
-            raise ValueError(f"model.optimizer: {err}") from err
+            raise ConfigError(f"model.optimizer: {err}") from err
 
     def optimizer_parameters(self):
         return self.parameters()
+
+
+def _free_name(name: str, taken: dict) -> str:
+    """``name``, or ``name_2``, ``name_3``, ... when another callback has it."""
+    n, free = 1, name
+    while free in taken:
+        n += 1
+        free = f"{name}_{n}"
+    return free

@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+from mneme.datamodules.errors import ConfigError
 from timm.models import register_model
 from torch import Tensor, nn
 
@@ -74,7 +75,7 @@ class SmallCNN(nn.Module):
 def _own_kwargs(pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Drop the arguments timm's factory passes to every entrypoint (pretrained_cfg, ...)."""
     if pretrained:
-        raise ValueError(
+        raise ConfigError(
             "model.encoder: mneme models have no published weights; use encoder_weights"
         )
     return {k: v for k, v in kwargs.items() if not k.startswith("pretrained_") and k != "cache_dir"}
@@ -106,7 +107,7 @@ def create_encoder(
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ValueError(
+        raise ConfigError(
             f"model.encoder: unknown model '{name}'"
             f"{'; did you mean ' + ', '.join(close) + '?' if close else ''} "
             "(any name of timm.list_models(), or mneme_mlp / mneme_cnn)"

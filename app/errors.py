@@ -84,24 +84,25 @@ def _suggest(key: str, known_keys: list[str] | None) -> str:
     return f"; did you mean '{close[0]}'?" if close else "; see `mneme fit --help`"
 
 
-def summarize_exception(error: BaseException) -> str:
-    """One line for an exception raised while building or running a job."""
+def summarize_library_error(error: BaseException) -> str | None:
+    """One line for the errors libraries raise on a user's bad input (jsonargparse while
+    instantiating a class, torch loading a checkpoint into another model, the OS refusing
+    a path); ``None`` for anything else, which is a bug and keeps its traceback."""
     text = str(error).strip() or type(error).__name__
     if "Does not validate against any of the" in text:  # jsonargparse, while instantiating
         return summarize_argument_error(text)
-    if "Error(s) in loading state_dict" in text:
+    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in text:
         detail = next((s.strip() for s in text.splitlines()[1:] if s.strip()), "")
-        text = (
+        return _clip(
             f"ckpt_path: the checkpoint does not fit this model ({detail}); "
             "use the config the checkpoint was trained with"
         )
-    first = text.splitlines()[0]
     if isinstance(error, OSError) and error.filename and error.strerror:
-        first = (
+        return _clip(
             f"cannot write or read '{error.filename}': {error.strerror}; check the paths in "
             "the config (trainer.logger.init_args.save_dir, trainer.default_root_dir, data files)"
         )
-    return _clip(first)
+    return None
 
 
 def _clip(text: str) -> str:

@@ -25,6 +25,7 @@ Example (YAML)::
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,6 +35,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from mneme.app.encoders import create_encoder, feature_dim
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 # Tiny open_clip configs for tests and CPU configs (``mneme-tiny-clip``: 2-layer width-64
@@ -44,9 +46,32 @@ if "mneme-tiny-clip" not in open_clip.list_models():
     open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 DEFAULT_TYPES = {"image": "timm", "text": "open_clip_text", "audio": "log_mel"}
+# Encoder types by name (``type:`` in a config): open, so a new modality is one new file.
+ENCODER_TYPES: dict[str, Callable[..., nn.Module]] = {}
+
+
+def encoder_type(name: str) -> Callable[[type], type]:
+    """Register an encoder class under ``name``. The class takes ``input_shape`` (one
+    sample's shape) first, then its config arguments, and sets ``out_dim``.
+
+    Example::
+
+        @encoder_type("my_sensor")
+        class SensorEncoder(nn.Module):
+            def __init__(self, input_shape, width: int = 64): ...
+    """
+
+    def register(cls: type) -> type:
+        if name in ENCODER_TYPES and ENCODER_TYPES[name] is not cls:
+            raise ValueError(f"encoder type '{name}' is registered already")
+        ENCODER_TYPES[name] = cls
+        return cls
+
+    return register
 
 
 # -- image: timm ------------------------------------------------------------------------------
+@encoder_type("timm")
 class TimmImage(nn.Module):
     """A timm model (no classifier) over ``(N, C, H, W)`` inputs."""
 
@@ -72,26 +97,41 @@ def _open_clip(model: str, weights: str | None, pretrained: str | None, **kwargs
     open_clip converts standard CLIP checkpoints on load). ``weights`` is a local file,
     ``pretrained`` a hub tag (downloads): at most one."""
     if model not in open_clip.list_models() and not model.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(
+        raise ConfigError(
             f"model.encoders.*.model: unknown open_clip config '{model}'; use one of "
             "open_clip.list_models() (e.g. mneme-tiny-clip, ViT-B-32)"
         )
     if weights and pretrained:
-        raise ValueError(
+        raise ConfigError(
             "model.encoders.*: give 'weights' (a local file) or 'pretrained', not both"
         )
     if weights and not Path(weights).is_file():
-        raise ValueError(f"model.encoders.*.weights: no file at '{weights}'")
-    return open_clip.create_model(
-        model,
-        pretrained=weights or pretrained,
-        force_custom_text=True,
-        pretrained_image=False,  # no implicit tower downloads: only what the user named
-        pretrained_text=False,
-        **kwargs,
-    )
+        raise ConfigError(f"model.encoders.*.weights: no file at '{weights}'")
+    random_init = _RandomInitNotice() if not (weights or pretrained) else None
+    if random_init:  # the config asks for random weights: open_clip's warning says so again
+        logging.getLogger().addFilter(random_init)
+    try:
+        return open_clip.create_model(
+            model,
+            pretrained=weights or pretrained,
+            force_custom_text=True,
+            pretrained_image=False,  # no implicit tower downloads: only what the user named
+            pretrained_text=False,
+            **kwargs,
+        )
+    finally:
+        if random_init:
+            logging.getLogger().removeFilter(random_init)
 
 
+class _RandomInitNotice(logging.Filter):
+    """Drops open_clip's "Model initialized randomly" warning, and nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@encoder_type("open_clip_visual")
 class OpenClipVisual(nn.Module):
     """The visual tower of an open_clip model. Inputs in ``[0, 1]`` of any size and 1 or 3
     channels are resized to the tower's ``image_size``, gray is repeated to RGB, and
@@ -129,6 +169,7 @@ class OpenClipVisual(nn.Module):
         return self.tower(x)
 
 
+@encoder_type("open_clip_text")
 class OpenClipText(nn.Module):
     """The text tower of an open_clip model and open_clip's tokenizer for it (the BPE
     vocabulary bundled with open_clip). Token ids shorter than the context are zero-padded."""
@@ -150,7 +191,7 @@ class OpenClipText(nn.Module):
         self.tokenizer = open_clip.get_tokenizer(model, context_length=self.context_length)
         self.out_dim = int(self.tower.output_dim)
         if input_shape and input_shape[-1] > self.context_length:
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoders.text.context_length: the stream's captions have "
                 f"{input_shape[-1]} tokens, the text tower takes {self.context_length}; "
                 "tokenize the stream with data.benchmark_args.context_length <= it"
@@ -233,6 +274,7 @@ class LogMel(nn.Module):
         return ((logmel - mean) / (std + 1e-5)).unsqueeze(1)
 
 
+@encoder_type("log_mel")
 class LogMelAudio(nn.Module):
     """Log-mel front end, then a timm model over the 1-channel spectrogram."""
 
@@ -251,7 +293,7 @@ class LogMelAudio(nn.Module):
     ) -> None:
         super().__init__()
         if len(input_shape) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"model.encoders.audio: expects waveforms (N, T), the stream gives samples of "
                 f"shape {tuple(input_shape)}; give the audio field as 1-D PCM per sample"
             )
@@ -265,12 +307,6 @@ class LogMelAudio(nn.Module):
 
 
 # -- the registry and the shared projection ---------------------------------------------------
-ENCODER_TYPES: dict[str, Callable[..., nn.Module]] = {
-    "timm": TimmImage,
-    "open_clip_visual": OpenClipVisual,
-    "open_clip_text": OpenClipText,
-    "log_mel": LogMelAudio,
-}
 PROJECTIONS = ("linear", "none")
 
 
@@ -308,18 +344,18 @@ def build_encoder(
     spec = dict(spec)
     kind = spec.pop("type", DEFAULT_TYPES.get(modality))
     if kind not in ENCODER_TYPES:
-        raise ValueError(f"{field}.type: one of {sorted(ENCODER_TYPES)}, got {kind!r}")
+        raise ConfigError(f"{field}.type: one of {sorted(ENCODER_TYPES)}, got {kind!r}")
     projection = spec.pop("projection", "linear")
     if projection not in PROJECTIONS:
-        raise ValueError(f"{field}.projection: one of {PROJECTIONS}, got {projection!r}")
+        raise ConfigError(f"{field}.projection: one of {PROJECTIONS}, got {projection!r}")
     cls = ENCODER_TYPES[kind]
     try:
         inspect.signature(cls).bind(input_shape, **spec)
     except TypeError as err:
-        raise ValueError(f"{field}: {err} (for type '{kind}')") from None
+        raise ConfigError(f"{field}: {err} (for type '{kind}')") from None
     backbone = cls(input_shape, **spec)
     if projection == "none" and backbone.out_dim != embed_dim:
-        raise ValueError(
+        raise ConfigError(
             f"{field}.projection: 'none' needs the encoder width ({backbone.out_dim}) to equal "
             f"model.embed_dim ({embed_dim}); set embed_dim or use projection: linear"
         )
@@ -333,7 +369,7 @@ def build_encoders(
 ) -> nn.ModuleDict:
     """One :class:`ModalityEncoder` per modality of ``specs`` (keys are the batch keys)."""
     if embed_dim < 1 or not math.isfinite(embed_dim):
-        raise ValueError(f"model.embed_dim: must be a positive integer, got {embed_dim}")
+        raise ConfigError(f"model.embed_dim: must be a positive integer, got {embed_dim}")
     return nn.ModuleDict(
         {m: build_encoder(m, spec, embed_dim, input_shapes.get(m)) for m, spec in specs.items()}
     )

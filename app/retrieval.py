@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
@@ -46,7 +47,7 @@ class CrossModalRecall(Metric):
     ) -> None:
         super().__init__(**kwargs)
         if not ks or min(ks) < 1:
-            raise ValueError(f"model.recall_ks: positive integers, got {list(ks)}")
+            raise ConfigError(f"model.recall_ks: positive integers, got {list(ks)}")
         self.ks = tuple(int(k) for k in ks)
         self.by_label = by_label
         self.add_state("a", default=[], dist_reduce_fx="cat")

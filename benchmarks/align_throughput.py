@@ -91,7 +91,7 @@ def run_lightning(args, device: torch.device) -> float:
         accelerator=device.type,
         devices=1,
         precision=args.precision,
-        max_epochs=1,
+        **data.trainer_settings(max_epochs=1),
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,

@@ -262,6 +262,7 @@ def run_mneme(
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=[first, metrics, *mneme_strategy_callbacks(strategy, seed), last],
+        **datamodule.trainer_settings(),
     )
     if profile is not None:
         profile.enable()

@@ -1,5 +1,6 @@
 """Continual-learning strategies and dashboards as Lightning callbacks."""
 
+from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
 from mneme.callbacks.embedding_projector import EmbeddingProjector
 from mneme.callbacks.ewc import EWC
@@ -7,6 +8,7 @@ from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.feature_distillation import FeatureDistillation
 from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from mneme.callbacks.lwf import LwF
+from mneme.callbacks.progress import StreamProgressBar
 from mneme.callbacks.replay import Replay
 
 __all__ = [
@@ -15,8 +17,10 @@ __all__ = [
     "EWC",
     "ContinualMetrics",
     "ExperienceCallback",
+    "ExperienceCheckpoint",
     "FiniteLossGuard",
     "NonFiniteLossError",
     "LwF",
     "Replay",
+    "StreamProgressBar",
 ]

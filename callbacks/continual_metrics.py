@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from mneme.app.metrics import summarize
-from mneme.datamodules.continual import experience_of
+from mneme.datamodules.schedule import current_experience, is_experience_end
 
 SUMMARY_KEYS = ("average_accuracy", "forgetting", "bwt", "fwt", "average_incremental_accuracy")
 # MTIL figures (ZSCL), only for zero-shot models; zero_shot_transfer is their reference.
@@ -108,9 +108,9 @@ class ContinualMetrics(Callback):
         if trainer.state.fn != TrainerFn.FITTING:  # `mneme validate`
             self._report(trainer, "validation", accuracy)
             return
-        if (trainer.current_epoch + 1) % trainer.datamodule.epochs_per_experience:
+        if not is_experience_end(trainer):
             return
-        k = experience_of(trainer)
+        k = current_experience(trainer)
         del self.rows[k:]
         self.rows.append(accuracy)
         self._log_experience(trainer, k)

@@ -6,7 +6,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mneme.app.protocols import Embedder, require
 from mneme.callbacks.experience import ExperienceCallback
+from mneme.datamodules.errors import ConfigError
 
 
 class EmbeddingProjector(ExperienceCallback):
@@ -35,7 +37,7 @@ class EmbeddingProjector(ExperienceCallback):
         self, samples_per_experience: int = 100, each_experience: bool = False, seed: int = 0
     ) -> None:
         if samples_per_experience < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"EmbeddingProjector.samples_per_experience: at least 1, got "
                 f"{samples_per_experience}"
             )
@@ -94,6 +96,9 @@ class EmbeddingProjector(ExperienceCallback):
             global_step=step,
             tag="embeddings/all",
         )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        require(pl_module, Embedder, "EmbeddingProjector")
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         if self.each_experience:

@@ -7,12 +7,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from mneme.app.protocols import ZeroShotClassifier, require
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.replay import derive_seed
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
 MODES = ("separate", "online")
+# 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is).
+STATE_VERSION = 1
 
 
 class _Quadratic(torch.autograd.Function):
@@ -106,21 +110,22 @@ class EWC(ExperienceCallback):
         decoupled: bool = True,
     ) -> None:
         if ewc_lambda < 0:
-            raise ValueError(f"EWC.ewc_lambda: must be non-negative, got {ewc_lambda}")
+            raise ConfigError(f"EWC.ewc_lambda: must be non-negative, got {ewc_lambda}")
         if mode not in MODES:
-            raise ValueError(f"EWC.mode: one of {MODES}, got '{mode}'")
+            raise ConfigError(f"EWC.mode: one of {MODES}, got '{mode}'")
         if mode == "online" and decay_factor is None:
-            raise ValueError("EWC.decay_factor: required with mode 'online' (e.g. 0.9)")
+            raise ConfigError("EWC.decay_factor: required with mode 'online' (e.g. 0.9)")
         if mode == "separate" and decay_factor is not None:
-            raise ValueError("EWC.decay_factor: only used with mode 'online'")
+            raise ConfigError("EWC.decay_factor: only used with mode 'online'")
         if decay_factor is not None and decay_factor < 0:
-            raise ValueError(f"EWC.decay_factor: must be non-negative, got {decay_factor}")
+            raise ConfigError(f"EWC.decay_factor: must be non-negative, got {decay_factor}")
         for name, value in (
             ("fisher_samples", fisher_samples),
             ("fisher_batch_size", fisher_batch_size),
         ):
             if value is not None and value < 1:
-                raise ValueError(f"EWC.{name}: must be at least 1, got {value}")
+                raise ConfigError(f"EWC.{name}: must be at least 1, got {value}")
+        self._term: str | None = None  # the name the module gave our extension point
         self.ewc_lambda = ewc_lambda
         self.mode = mode
         self.decay_factor = decay_factor
@@ -252,7 +257,7 @@ class EWC(ExperienceCallback):
             self.names = [name for name, p in named.items() if p.requires_grad]
         missing = [name for name in self.names if name not in named]
         if missing:
-            raise ValueError(f"EWC: the model lacks parameters {missing[:5]} of the stored Fisher")
+            raise ConfigError(f"EWC: the model lacks parameters {missing[:5]} of the stored Fisher")
         self._params = [named[name] for name in self.names]
 
     def _flat_params(self) -> Tensor:
@@ -260,7 +265,13 @@ class EWC(ExperienceCallback):
 
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        pl_module.loss_terms["ewc"] = self.penalty
+        require(pl_module, ZeroShotClassifier, "EWC")
+        self._term = pl_module.add_loss_term("ewc", self.penalty)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._term is not None:
+            pl_module.remove_loss_term(self._term)
+            self._term = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The module is built and on its device now (also after a restore from a checkpoint).
@@ -301,8 +312,13 @@ class EWC(ExperienceCallback):
         self.consolidate()
 
     # -- state ----------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "mode": self.mode,
             "names": list(self.names),
             "experiences": list(self.experiences),
@@ -312,7 +328,7 @@ class EWC(ExperienceCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["mode"] != self.mode:
-            raise ValueError(
+            raise ConfigError(
                 f"EWC: the checkpoint is mode '{state_dict['mode']}', not '{self.mode}'"
             )
         self.names = list(state_dict["names"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lightning.pytorch import Callback, LightningModule, Trainer
-from mneme.datamodules.continual import experience_of
+from mneme.datamodules.schedule import current_experience, is_experience_end, is_experience_start
 
 
 class ExperienceCallback(Callback):
@@ -28,9 +30,20 @@ class ExperienceCallback(Callback):
         """Called after the last training epoch of ``experience`` (and its validation)."""
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.current_epoch % trainer.datamodule.epochs_per_experience == 0:
-            self.on_experience_start(trainer, pl_module, experience_of(trainer))
+        if is_experience_start(trainer):
+            self.on_experience_start(trainer, pl_module, current_experience(trainer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % trainer.datamodule.epochs_per_experience == 0:
-            self.on_experience_end(trainer, pl_module, experience_of(trainer))
+        if is_experience_end(trainer):
+            self.on_experience_end(trainer, pl_module, current_experience(trainer))
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # mneme 0.1.0 stored a callback's state under its class name; today's state keys
+        # carry the identifying arguments. Move such a state to this callback's key (before
+        # Lightning hands states to load_state_dict), so an older checkpoint loads.
+        states = checkpoint.get("callbacks") or {}
+        legacy = type(self).__qualname__
+        if self.state_key != legacy and self.state_key not in states and legacy in states:
+            states[self.state_key] = states.pop(legacy)

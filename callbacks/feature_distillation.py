@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
-from mneme.callbacks.experience import ExperienceCallback
+from lightning.pytorch import LightningModule
+from mneme.app.protocols import Embedder
+from mneme.callbacks.teacher import SelfDistillation
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
@@ -21,7 +22,7 @@ def embedding_distance(student: Tensor, teacher: Tensor, distance: str) -> Tenso
     return (student - teacher).pow(2).sum(-1).mean()
 
 
-class FeatureDistillation(ExperienceCallback):
+class FeatureDistillation(SelfDistillation):
     """Distil the embeddings toward a frozen copy of the model taken at each experience
     start, as a loss term ``feature_distillation`` (in the spirit of ZSCL, Zheng et al. 2023).
 
@@ -48,6 +49,9 @@ class FeatureDistillation(ExperienceCallback):
               init_args: {alpha: 1.0, prompt_alpha: 1.0, distance: cosine}
     """
 
+    term_name = "feature_distillation"
+    needs = Embedder
+
     def __init__(
         self,
         alpha: float = 1.0,
@@ -55,16 +59,13 @@ class FeatureDistillation(ExperienceCallback):
         distance: Literal["cosine", "l2"] = "cosine",
     ) -> None:
         if distance not in DISTANCES:
-            raise ValueError(f"FeatureDistillation.distance: one of {DISTANCES}, got '{distance}'")
+            raise ConfigError(f"FeatureDistillation.distance: one of {DISTANCES}, got '{distance}'")
         if alpha < 0 or prompt_alpha < 0:
-            raise ValueError("FeatureDistillation.alpha/prompt_alpha: must be >= 0")
+            raise ConfigError("FeatureDistillation.alpha/prompt_alpha: must be >= 0")
+        super().__init__()
         self.alpha = alpha
         self.prompt_alpha = prompt_alpha
         self.distance = distance
-        self.teacher: nn.ModuleDict | None = None
-        self.experience: int | None = None
-        self._pl_module: LightningModule | None = None
-        self._pending: dict[str, Tensor] | None = None  # teacher weights from a checkpoint
 
     # -- the loss term --------------------------------------------------------------------
     def distillation(self, batch: Batch, outputs: dict[str, Any]) -> Tensor:
@@ -87,39 +88,12 @@ class FeatureDistillation(ExperienceCallback):
         return loss
 
     # -- the teacher ----------------------------------------------------------------------
+    def teacher_modules(self, pl_module: LightningModule) -> nn.Module:
+        return pl_module.encoders
+
     def set_teacher(self, pl_module: LightningModule, experience: int) -> None:
-        self._pl_module = pl_module
-        self.teacher = copy.deepcopy(pl_module.encoders).eval().requires_grad_(False)
-        self.experience = experience
+        self.take_teacher(pl_module, experience)
 
-    # -- hooks ----------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._pl_module = pl_module
-        pl_module.loss_terms["feature_distillation"] = self.distillation
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._pending is not None:  # restored: the module's structure, the stored weights
-            weights, self._pending = self._pending, None
-            self.set_teacher(pl_module, self.experience)
-            self.teacher.load_state_dict(weights)
-
-    def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
-        if experience > 0:
-            self.set_teacher(pl_module, experience)
-
-    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if self.teacher is not None:
-            self.teacher.eval()  # Lightning puts the module (not the teacher) in train mode
-
-    # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self.teacher is None and self._pending is None:
-            return {"experience": None}
-        weights = self._pending or {k: v.cpu() for k, v in self.teacher.state_dict().items()}
-        return {"experience": self.experience, "teacher": weights}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.teacher = None
-        self.experience = state_dict["experience"]
-        self._pending = dict(state_dict["teacher"]) if self.experience is not None else None
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(distance=self.distance)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from mneme.datamodules.continual import experience_of
+from mneme.datamodules.errors import ConfigError, MnemeError
+from mneme.datamodules.schedule import current_experience
 from torch import Tensor
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MnemeError, RuntimeError):
     """The training loss became NaN or infinite."""
 
 
@@ -34,7 +35,7 @@ class FiniteLossGuard(Callback):
 
     def __init__(self, check_every_n_steps: int = 1) -> None:
         if check_every_n_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"FiniteLossGuard.check_every_n_steps: must be at least 1, got "
                 f"{check_every_n_steps}"
             )
@@ -48,7 +49,7 @@ class FiniteLossGuard(Callback):
         saved = trainer.checkpoint_callback and trainer.checkpoint_callback.last_model_path
         raise NonFiniteLossError(
             f"loss became {loss.item()} at step {trainer.global_step} (experience "
-            f"{experience_of(trainer)}, epoch {trainer.current_epoch}); non-finite term(s): "
+            f"{current_experience(trainer)}, epoch {trainer.current_epoch}); non-finite term(s): "
             f"{', '.join(bad) or 'unknown'}. Stopped before the update; "
             + (f"last good checkpoint: {saved}. " if saved else "no checkpoint was saved yet. ")
             + "Lower the learning rate or the weight of that term."

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from mneme.callbacks.experience import ExperienceCallback
+from mneme.app.protocols import Classifier
+from mneme.callbacks.teacher import SelfDistillation
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
@@ -23,7 +24,7 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float) -> T
     return F.kl_div(log_p, q, reduction="batchmean")
 
 
-class LwF(ExperienceCallback):
+class LwF(SelfDistillation):
     """Learning without Forgetting (Li & Hoiem 2016) as a loss term ``lwf``.
 
     At the start of each experience ``k > 0`` a frozen copy of the model (``encoder`` and
@@ -52,18 +53,18 @@ class LwF(ExperienceCallback):
               init_args: {alpha: 1.0, temperature: 2.0}
     """
 
+    term_name = "lwf"
+    needs = Classifier
+
     def __init__(self, alpha: float | Sequence[float] = 1.0, temperature: float = 2.0) -> None:
         if temperature <= 0:
-            raise ValueError(f"LwF.temperature: must be positive, got {temperature}")
+            raise ConfigError(f"LwF.temperature: must be positive, got {temperature}")
+        super().__init__()
         self.alpha = list(alpha) if isinstance(alpha, Sequence) else alpha
         if min(self.alpha if isinstance(self.alpha, list) else [self.alpha], default=0) < 0:
-            raise ValueError(f"LwF.alpha: must be non-negative, got {alpha}")
+            raise ConfigError(f"LwF.alpha: must be non-negative, got {alpha}")
         self.temperature = temperature
-        self.teacher: nn.Module | None = None
-        self.experience: int | None = None  # the experience the teacher serves
         self.previous_classes: Tensor | None = None  # (num_heads, num_classes) bool
-        self._pl_module: LightningModule | None = None
-        self._pending: dict[str, Tensor] | None = None  # teacher weights from a checkpoint
         self._units: list[tuple[int, Tensor]] = []
 
     # -- the loss term --------------------------------------------------------------------
@@ -99,21 +100,20 @@ class LwF(ExperienceCallback):
         return logits.view(len(logits), self._pl_module.num_heads, -1)
 
     # -- the teacher ----------------------------------------------------------------------
-    def snapshot(self, pl_module: LightningModule) -> nn.Module:
-        """A frozen copy of the modules that produce the logits."""
-        teacher = copy.deepcopy(
-            nn.ModuleDict({"encoder": pl_module.encoder, "head": pl_module.head})
-        )
-        teacher.eval().requires_grad_(False)
-        return teacher
+    def teacher_modules(self, pl_module: LightningModule) -> nn.Module:
+        """The modules that produce the logits."""
+        return nn.ModuleDict({"encoder": pl_module.encoder, "head": pl_module.head})
 
     def set_teacher(
         self, pl_module: LightningModule, experience: int, previous_classes: Tensor
     ) -> None:
-        self._pl_module = pl_module
-        self.teacher = self.snapshot(pl_module)
-        self.experience = experience
-        self.previous_classes = previous_classes.to(pl_module.device)
+        """Take the teacher now, to distil on ``previous_classes`` (``(heads, classes)``)."""
+        self.previous_classes = previous_classes
+        self.take_teacher(pl_module, experience)
+        self.on_new_teacher(None, pl_module)
+
+    def on_new_teacher(self, trainer: Trainer | None, pl_module: LightningModule) -> None:
+        self.previous_classes = self.previous_classes.to(pl_module.device)
         self._units = [
             (head, mask.nonzero().squeeze(1))
             for head, mask in enumerate(self.previous_classes)
@@ -132,41 +132,19 @@ class LwF(ExperienceCallback):
             mask[heads, labels] = True
         return mask
 
-    # -- hooks ----------------------------------------------------------------------------
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._pl_module = pl_module
-        pl_module.loss_terms["lwf"] = self.distillation
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # A teacher restored from a checkpoint: the current module's structure, its weights.
-        if self._pending is not None:
-            weights, self._pending = self._pending, None
-            self.set_teacher(pl_module, self.experience, self.previous_classes)
-            self.teacher.load_state_dict(weights)
-
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         if experience > 0:
-            self.set_teacher(
-                pl_module, experience, self.classes_before(trainer, pl_module, experience)
-            )
+            self.previous_classes = self.classes_before(trainer, pl_module, experience)
+        super().on_experience_start(trainer, pl_module, experience)
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        if self.teacher is None and self._pending is None:
-            return {"experience": None}
-        weights = self._pending or {k: v.cpu() for k, v in self.teacher.state_dict().items()}
-        return {
-            "experience": self.experience,
-            "teacher": weights,
-            "previous_classes": self.previous_classes.cpu(),
-        }
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(temperature=self.temperature)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.teacher = None
+    def extra_state(self) -> dict[str, Any]:
+        return {"previous_classes": self.previous_classes.cpu()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self._units = []
-        self.experience = state_dict["experience"]
-        if self.experience is None:
-            self._pending = self.previous_classes = None
-            return
-        self._pending = dict(state_dict["teacher"])
-        self.previous_classes = state_dict["previous_classes"]
+        self.previous_classes = state.get("previous_classes")

@@ -6,11 +6,15 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from mneme.app.protocols import StrategyHost, require
 from mneme.callbacks.experience import ExperienceCallback
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor
 
 Batch = dict[str, Tensor]
 POLICIES = ("reservoir", "class_balanced")
+# 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is).
+STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
 
 
@@ -88,13 +92,14 @@ class Replay(ExperienceCallback):
         seed: int = 0,
     ) -> None:
         if buffer_size < 1:
-            raise ValueError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
+            raise ConfigError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
         if policy not in POLICIES:
-            raise ValueError(f"Replay.policy: one of {POLICIES}, got '{policy}'")
+            raise ConfigError(f"Replay.policy: one of {POLICIES}, got '{policy}'")
         if replay_batch_size is not None and replay_batch_size < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"Replay.replay_batch_size: must be at least 1, got {replay_batch_size}"
             )
+        self._transform: str | None = None  # the name the module gave our extension point
         self.buffer_size = buffer_size
         self.policy = policy
         self.replay_batch_size = replay_batch_size
@@ -121,7 +126,7 @@ class Replay(ExperienceCallback):
         labels = None
         if self.policy == "class_balanced":  # reservoir needs no label: any keys will do
             if self.label_key not in tensors:
-                raise KeyError(f"Replay: class_balanced needs '{self.label_key}' in the data")
+                raise ConfigError(f"Replay: class_balanced needs '{self.label_key}' in the data")
             old_labels = self.buffer.get(self.label_key, shard[:0])
             labels = torch.cat([tensors[self.label_key].cpu()[shard], old_labels.cpu()])
         # Ascending, so that the kept new samples come first, as in the concatenation below.
@@ -171,20 +176,20 @@ class Replay(ExperienceCallback):
         return torch.randint(len(self), (n,), generator=generator)
 
     # -- the batch transform --------------------------------------------------------------
-    def replay(self, batch: Batch) -> Batch:
+    def replay(self, batch: Batch, batch_idx: int = 0) -> Batch:
         """Append ``replay_batch_size`` buffer samples to ``batch`` (every key)."""
         if not len(self):
             return batch
         missing = set(batch) - set(self.buffer)
         if missing:
-            raise KeyError(
+            raise ConfigError(
                 f"Replay: the batch has keys {sorted(missing)} that the buffer lacks "
                 f"(buffer keys: {sorted(self.buffer)})"
             )
         trainer = self._trainer
         rank, _ = _rank(trainer)
         # (global_step, batch_idx): unique per training batch, restored on resume.
-        step = (trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx) if trainer else (0, 0)
+        step = (trainer.global_step if trainer else 0, batch_idx)
         n = self._replay_n or len(next(iter(batch.values())))
         index = self.sample(n, rank, *step)
         device = next(iter(self.buffer.values())).device
@@ -198,7 +203,14 @@ class Replay(ExperienceCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
         self._replay_n = self.replay_batch_size or getattr(trainer.datamodule, "batch_size", None)
-        pl_module.batch_transforms["replay"] = self.replay
+        require(pl_module, StrategyHost, "Replay")
+        self._transform = pl_module.add_batch_transform("replay", self.replay)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._transform is not None:
+            pl_module.remove_batch_transform(self._transform)
+            self._transform = None
+        self._trainer = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A buffer restored from a checkpoint arrives on the CPU: move it to its device once.
@@ -215,8 +227,13 @@ class Replay(ExperienceCallback):
         return trainer.datamodule.train_experiences[experience].tensors
 
     # -- state ----------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(policy=self.policy, buffer_size=self.buffer_size)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "version": STATE_VERSION,
             "buffer": {key: value.cpu() for key, value in self.buffer.items()},
             "weights": self.weights.cpu(),
             "experiences": list(self.experiences),
@@ -226,7 +243,7 @@ class Replay(ExperienceCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["policy"] != self.policy or state_dict["buffer_size"] != self.buffer_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Replay: the checkpoint's buffer is {state_dict['policy']} of size "
                 f"{state_dict['buffer_size']}, this callback {self.policy} of {self.buffer_size}"
             )

@@ -1,20 +1,32 @@
-"""LightningDataModules that serve Avalanche benchmark streams, and offline built-in streams."""
+"""LightningDataModules that serve Avalanche benchmark streams, and offline built-in streams.
 
-from mneme.datamodules.captioned_digits import SplitCaptionedDigits
-from mneme.datamodules.continual import ContinualDataModule, experience_of
-from mneme.datamodules.csv_captions import CSVCaptions
-from mneme.datamodules.spoken_digits import SpokenDigits
-from mneme.datamodules.streams import PermutedMNISTFile, SplitDigits, SplitMNISTFile
-from mneme.datamodules.tensor_batches import TensorBatches
+Exports resolve lazily (PEP 562): ``mneme.datamodules.errors`` and ``schedule`` are light,
+and importing them (the CLI does, for ``mneme --help``) must not import Avalanche.
+"""
 
-__all__ = [
-    "CSVCaptions",
-    "SplitCaptionedDigits",
-    "SpokenDigits",
-    "ContinualDataModule",
-    "PermutedMNISTFile",
-    "SplitDigits",
-    "SplitMNISTFile",
-    "TensorBatches",
-    "experience_of",
-]
+import importlib
+
+_EXPORTS = {
+    "CSVCaptions": "mneme.datamodules.csv_captions",
+    "ConfigError": "mneme.datamodules.errors",
+    "ContinualDataModule": "mneme.datamodules.continual",
+    "MnemeError": "mneme.datamodules.errors",
+    "PermutedMNISTFile": "mneme.datamodules.streams",
+    "SplitCaptionedDigits": "mneme.datamodules.captioned_digits",
+    "SplitDigits": "mneme.datamodules.streams",
+    "SplitMNISTFile": "mneme.datamodules.streams",
+    "SpokenDigits": "mneme.datamodules.spoken_digits",
+    "TensorBatches": "mneme.datamodules.tensor_batches",
+    "current_experience": "mneme.datamodules.schedule",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

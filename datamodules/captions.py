@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from mneme.datamodules.errors import ConfigError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -48,7 +49,7 @@ def template_captions(
 ) -> list[str]:
     """One caption per sample: a template drawn at random (seeded), filled with its class."""
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args.templates: each must contain '{{}}', got {templates}"
         )
     rng = np.random.RandomState(seed)
@@ -69,7 +70,7 @@ class PairedTensors(Dataset):
 
     def __init__(self, fields: Sequence[Tensor], targets: Tensor) -> None:
         if any(len(f) != len(targets) for f in fields):
-            raise ValueError("PairedTensors: every field needs one row per target")
+            raise ConfigError("PairedTensors: every field needs one row per target")
         self.fields = list(fields)
         self.targets = targets.long().tolist()
 

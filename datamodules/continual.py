@@ -13,21 +13,12 @@ from typing import Any
 # process"). Importing it with this module happens before Lightning starts the group.
 import avalanche.benchmarks  # noqa: F401
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch import LightningDataModule
+from mneme.datamodules import schedule
+from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.tensor_batches import Batch, TensorBatches
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-LIGHTNING_DEFAULT_MAX_EPOCHS = 1000  # what Trainer(max_epochs=None) turns into
-
-
-def experience_of(trainer: Trainer) -> int:
-    """The experience the running epoch trains on: ``current_epoch // epochs_per_experience``.
-
-    Valid inside epoch hooks, where ``current_epoch`` is the running epoch. A pure function of
-    Lightning's own counter, so a resumed run needs no bookkeeping of its own.
-    """
-    return trainer.current_epoch // trainer.datamodule.epochs_per_experience
 
 
 def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..., Any]:
@@ -37,14 +28,14 @@ def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError):
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark: cannot import '{class_path}'; name a benchmark such as "
             "avalanche.benchmarks.classic.SplitMNIST or mneme.datamodules.SplitDigits"
         ) from None
     try:
         inspect.signature(factory).bind(**arguments)
     except TypeError as err:
-        raise ValueError(f"data.benchmark_args: {err} (for {class_path})") from None
+        raise ConfigError(f"data.benchmark_args: {err} (for {class_path})") from None
     return factory
 
 
@@ -68,7 +59,7 @@ def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
     columns: dict[str, list[Tensor]] = {key: [] for key in sample_keys}
     for sample in DataLoader(dataset, batch_size=1024, num_workers=0):
         if len(sample) not in (len(sample_keys), len(sample_keys) - 1):
-            raise ValueError(
+            raise ConfigError(
                 f"data.sample_keys: the stream's samples have {len(sample)} fields, "
                 f"but sample_keys names {len(sample_keys)}: {list(sample_keys)}"
             )
@@ -76,10 +67,10 @@ def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
             columns[key].append(torch.as_tensor(value))
     tensors = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
     if "label" not in tensors:
-        raise ValueError("data.benchmark: an experience has no samples")
+        raise ConfigError("data.benchmark: an experience has no samples")
     tensors["label"] = tensors["label"].long()
     if tensors["label"].min() < 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark: labels must be class indices >= 0, found {tensors['label'].min()}"
         )
     tensors["task"] = tensors.get("task", torch.zeros_like(tensors["label"])).long()
@@ -94,9 +85,9 @@ class ContinualDataModule(LightningDataModule):
     """Serves an Avalanche benchmark: the current training experience, every test experience.
 
     One ``fit`` trains the whole stream: experience ``k`` covers epochs
-    ``[k * epochs_per_experience, (k + 1) * epochs_per_experience)``. ``setup`` sets the trainer
-    so that this holds (``max_epochs`` from the stream length unless the user set it,
-    training data reloaded each epoch, validation at each experience end).
+    ``[k * epochs_per_experience, (k + 1) * epochs_per_experience)``; the trainer settings
+    that make it hold come from :meth:`trainer_settings` (the ``mneme`` CLI applies them)
+    and ``setup`` refuses a trainer that breaks them (see :mod:`mneme.datamodules.schedule`).
 
     Args:
         benchmark: import path of any Avalanche benchmark factory or class, classic
@@ -146,7 +137,7 @@ class ContinualDataModule(LightningDataModule):
             ("eval_batch_size", eval_batch_size),
         ):
             if value < 1:
-                raise ValueError(f"data.{name}: must be at least 1, got {value}")
+                raise ConfigError(f"data.{name}: must be at least 1, got {value}")
         self.save_hyperparameters(logger=False)
         self.benchmark = benchmark
         self.benchmark_args = dict(benchmark_args or {})
@@ -155,7 +146,7 @@ class ContinualDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         if "label" not in sample_keys:
-            raise ValueError(f"data.sample_keys: must include 'label', got {list(sample_keys)}")
+            raise ConfigError(f"data.sample_keys: must include 'label', got {list(sample_keys)}")
         self.sample_keys = list(sample_keys)
         self.materialize = materialize
         self.data_on_device = data_on_device
@@ -178,7 +169,7 @@ class ContinualDataModule(LightningDataModule):
                 message = (
                     str(err) if str(err).startswith("data.") else f"data.benchmark_args: {err!s}"
                 )
-                raise ValueError(f"{message} (for {self.benchmark})") from err
+                raise ConfigError(f"{message} (for {self.benchmark})") from err
             self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
             self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
             self._scenario = scenario
@@ -224,27 +215,20 @@ class ContinualDataModule(LightningDataModule):
             for exp in self.train_experiences + self.test_experiences:
                 exp.tensors = {k: v.to(device) for k, v in exp.tensors.items()}
         if stage == "fit":
-            # Why: the schedule is derived from the epoch counter; these make it hold.
-            stream_epochs = self.num_experiences * self.epochs_per_experience
-            if trainer.fit_loop.max_epochs in (None, -1, LIGHTNING_DEFAULT_MAX_EPOCHS):
-                trainer.fit_loop.max_epochs = stream_epochs
-            trainer.reload_dataloaders_every_n_epochs = 1
-            if not self.validate_each_epoch:
-                trainer.check_val_every_n_epoch = self.epochs_per_experience
+            schedule.check_trainer(trainer, self, self.validate_each_epoch)
 
-    def upcoming_experience(self) -> int:
-        """The experience of the epoch about to run, when Lightning (re)loads the train data.
-
-        ``epoch_progress.current.processed`` is right at every point Lightning calls
-        ``train_dataloader``, including the restore from an end-of-epoch checkpoint, where
-        ``current_epoch`` still shows the finished epoch (see DESIGN.md).
-        """
-        epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        return min(epoch // self.epochs_per_experience, self.num_experiences - 1)
+    def trainer_settings(self, **user: Any) -> dict[str, Any]:
+        """The trainer arguments this stream's schedule needs (``max_epochs``, reloading
+        the train data each epoch, validation at experience ends); ``user`` settings that
+        conflict are refused. ``Trainer(**datamodule.trainer_settings(), ...)``."""
+        return schedule.trainer_settings(self, self.validate_each_epoch, user)
 
     def train_dataloader(self):
-        epoch = self.trainer.fit_loop.epoch_progress.current.processed
-        experience = self.upcoming_experience()
+        # With the loader rebuilt every epoch, Lightning builds it again at the start of
+        # each epoch, when ``current_epoch`` is the running one; the extra build during a
+        # restore (where it still shows the finished epoch) is replaced before any batch.
+        epoch = self.trainer.current_epoch
+        experience = min(epoch // self.epochs_per_experience, self.num_experiences - 1)
         if self.materialize:
             return TensorBatches(
                 self.train_experiences[experience].tensors,

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mneme.datamodules.captions import DEFAULT_TOKENIZER, PairedTensors, tokenize
+from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
@@ -31,7 +32,7 @@ def read_manifest(
     """Rows of the CSV as dicts; a clear error when a named column is absent."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data.benchmark_args: no CSV at '{path}'")
+        raise ConfigError(f"data.benchmark_args: no CSV at '{path}'")
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f, delimiter=separator)
@@ -42,19 +43,19 @@ def read_manifest(
                 ("label_key", label_key),
             ):
                 if key is not None and key not in columns:
-                    raise ValueError(
+                    raise ConfigError(
                         f"data.benchmark_args.{field}: no column '{key}' in '{path}' (columns: "
                         f"{columns}; check separator={separator!r})"
                     )
             rows = list(reader)
     except UnicodeDecodeError as err:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args: '{path}' is not UTF-8 text ({err.reason} at byte "
             f"{err.start}); re-save it as UTF-8"
         ) from None
     empty = [i + 2 for i, row in enumerate(rows) if not (row.get(caption_key) or "").strip()]
     if empty:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args.caption_key: {len(empty)} row(s) of '{path}' have an empty "
             f"caption (first at line {empty[0]}); fill or drop them"
         )
@@ -64,7 +65,7 @@ def read_manifest(
 def check_images_exist(paths: Sequence[Path], manifest: str) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"data.benchmark_args: {len(missing)} image file(s) listed in '{manifest}' do not "
             f"exist (first: '{missing[0]}'); fix the paths or set data.benchmark_args.root"
         )
@@ -118,7 +119,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     from avalanche.benchmarks.utils import AvalancheDataset
 
     if channels not in (1, 3):
-        raise ValueError(f"data.benchmark_args.channels: 1 or 3, got {channels}")
+        raise ConfigError(f"data.benchmark_args.channels: 1 or 3, got {channels}")
     keys = (img_key, caption_key, label_key, separator)
     rows = read_manifest(train_csv, *keys)
     base = Path(root) if root else Path(train_csv).resolve().parent
@@ -132,7 +133,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
         rows = [rows[i] for i in sorted(order[n_test:])]
         test_base = base
     if not rows:
-        raise ValueError(f"data.benchmark_args.train_csv: '{train_csv}' has no training rows")
+        raise ConfigError(f"data.benchmark_args.train_csv: '{train_csv}' has no training rows")
     key = label_key or caption_key
     names = sorted({r[key] for r in rows + test_rows})
     class_of = {name: i for i, name in enumerate(names)}

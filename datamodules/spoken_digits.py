@@ -26,6 +26,7 @@ from mneme.datamodules.captions import (
     template_captions,
     tokenize,
 )
+from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark, load_digits_tensors
 
 SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
@@ -39,17 +40,17 @@ def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
     """``audio`` (N, T) int16, ``labels`` (N,), ``accent`` (N,) str from the ``.npz``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"data.benchmark_args.path: no file at '{path}'; point it at spoken_digits.npz "
             "(e.g. ../shared/data/spoken_digits.npz)"
         )
     with np.load(path) as arrays:
         missing = {"audio", "labels", "voice", "voice_names"} - set(arrays.files)
         if missing:
-            raise ValueError(f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}")
+            raise ConfigError(f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}")
         rate = int(arrays["sample_rate"]) if "sample_rate" in arrays.files else SAMPLE_RATE
         if rate != SAMPLE_RATE:
-            raise ValueError(
+            raise ConfigError(
                 f"data.benchmark_args.path: '{path}' holds audio at {rate} Hz; the stream and "
                 f"its log-mel front end expect {SAMPLE_RATE} Hz: resample it first"
             )
@@ -106,13 +107,13 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     from sklearn.model_selection import train_test_split
 
     if split not in SPLITS:
-        raise ValueError(f"data.benchmark_args.split: one of {SPLITS}, got '{split}'")
+        raise ConfigError(f"data.benchmark_args.split: one of {SPLITS}, got '{split}'")
     data = load_spoken_digits(path)
     labels, accent = data["labels"], data["accent"]
     known = sorted(set(accent.tolist()))
     accents = list(accents or known)
     if not set(accents) <= set(known):
-        raise ValueError(f"data.benchmark_args.accents: choose from {known}, got {accents}")
+        raise ConfigError(f"data.benchmark_args.accents: choose from {known}, got {accents}")
     keep = np.flatnonzero(np.isin(accent, accents))
     strata = np.array([f"{a}/{y}" for a, y in zip(accent[keep], labels[keep], strict=True)])
     train_idx, test_idx = train_test_split(

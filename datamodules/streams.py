@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mneme.datamodules.errors import ConfigError
 from torch.utils.data import Dataset
 
 # The normalization Avalanche's MNIST benchmarks apply (ToTensor + Normalize).
@@ -47,7 +48,7 @@ def _split_benchmark(
 
     missing = sorted(set(train.targets) - set(test.targets))
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args: classes {missing} have training samples but no test "
             "samples; a class-incremental split needs both for every class"
         )
@@ -115,26 +116,26 @@ def load_mnist_npz(path: str | Path):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"data.benchmark_args.path: no file at '{path}'; point it at an .npz with "
             "'images' and 'labels' arrays (e.g. ../shared/data/mnist10k.npz)"
         )
     with np.load(path) as arrays:
         missing = {"images", "labels"} - set(arrays.files)
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}; "
                 f"it has {sorted(arrays.files)}; save with np.savez(path, images=..., labels=...)"
             )
         images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or len(images) != len(labels) or len(images) <= MNIST_TRAIN_ROWS:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args.path: '{path}' has images of shape {images.shape} and "
             f"{len(labels)} labels; expected (N, H, W) images, one label each, N > "
             f"{MNIST_TRAIN_ROWS}"
         )
     if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-        raise ValueError(
+        raise ConfigError(
             f"data.benchmark_args.path: '{path}' labels must be integer class indices >= 0, "
             f"got dtype {labels.dtype} with minimum {labels.min()}"
         )

@@ -246,6 +246,7 @@ def test_aligner_trains_with_replay_ewc_and_feature_distillation(tmp_path):
         callbacks=callbacks,
         default_root_dir=tmp_path,
         log_every_n_steps=1,
+        **data.trainer_settings(),
     )
     trainer.fit(module, data)
     assert len(callbacks[0].rows) == 2 and all(0 <= a <= 1 for a in callbacks[0].rows[-1])

@@ -6,7 +6,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ExperienceCallback
-from mneme.datamodules import ContinualDataModule
+from mneme.datamodules import ConfigError, ContinualDataModule
 
 from tests.conftest import digits_stream
 
@@ -43,6 +43,7 @@ def make_run(tmp_path, *callbacks: Callback, **module_args):
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
         callbacks=list(callbacks),
+        **datamodule.trainer_settings(),
     )
     return trainer, ContinualClassifier(**module_args), datamodule
 
@@ -72,6 +73,7 @@ def test_one_fit_trains_each_experience_for_its_epochs(full_run):
     assert record.events == expected_events
 
 
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")  # resumed in a new folder
 @pytest.mark.parametrize("resume_epoch", range(EXPERIENCES * EPOCHS - 1))
 def test_resume_from_every_epoch_end_trains_the_right_experience(full_run, resume_epoch):
     tmp_path, _, expected = full_run
@@ -102,3 +104,43 @@ def test_reset_optimizer_clears_momentum_at_experience_start(tmp_path, reset):
     assert probe.sizes[0] == 0 and probe.sizes[1] > 0 and probe.sizes[3] > 0
     experience_starts = [probe.sizes[2], probe.sizes[4]]
     assert experience_starts == [0, 0] if reset else all(experience_starts)
+
+
+# -- the trainer settings the schedule needs ---------------------------------------------------
+def test_trainer_settings_fill_what_the_user_left_unset():
+    datamodule = ContinualDataModule(**digits_stream(EXPERIENCES), epochs_per_experience=EPOCHS)
+    assert datamodule.trainer_settings() == {
+        "max_epochs": EXPERIENCES * EPOCHS,
+        "reload_dataloaders_every_n_epochs": 1,
+        "check_val_every_n_epoch": EPOCHS,
+    }
+    # a prefix of the stream, and validation at a divisor of the experience length, are kept
+    kept = datamodule.trainer_settings(max_epochs=4, check_val_every_n_epoch=2)
+    assert kept["max_epochs"] == 4 and kept["check_val_every_n_epoch"] == 2
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"max_epochs": EXPERIENCES * EPOCHS + 1},
+        {"max_epochs": -1},
+        {"reload_dataloaders_every_n_epochs": 2},
+        {"check_val_every_n_epoch": 3},
+        {"check_val_every_n_epoch": None},
+    ],
+)
+def test_conflicting_trainer_settings_are_refused_naming_the_field(setting):
+    datamodule = ContinualDataModule(**digits_stream(EXPERIENCES), epochs_per_experience=EPOCHS)
+    with pytest.raises(ConfigError, match=f"trainer.{next(iter(setting))}"):
+        datamodule.trainer_settings(**setting)
+
+
+@pytest.mark.filterwarnings("ignore:`max_epochs` was not set")  # the point of the test
+def test_a_trainer_built_without_the_settings_is_refused_before_training(tmp_path):
+    datamodule = ContinualDataModule(**digits_stream(EXPERIENCES), epochs_per_experience=EPOCHS)
+    trainer = Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    with pytest.raises(ConfigError, match=r"Trainer\(\*\*datamodule.trainer_settings\(\)"):
+        trainer.fit(ContinualClassifier(), datamodule)
+    assert trainer.global_step == 0

@@ -15,7 +15,7 @@ from mneme.app import ContinualClassifier
 from mneme.callbacks import EWC, ContinualMetrics, LwF, Replay
 from mneme.callbacks.lwf import distillation_loss
 from mneme.callbacks.replay import derive_seed
-from mneme.datamodules import ContinualDataModule
+from mneme.datamodules import ConfigError, ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
@@ -262,7 +262,7 @@ def test_replay_appends_every_key_deterministically():
     other = Replay(buffer_size=50, replay_batch_size=8, seed=3)
     other.load_state_dict(roundtrip(replay.state_dict()))
     assert torch.equal(other.replay(batch)["image"], out["image"])
-    with pytest.raises(KeyError, match="audio"):
+    with pytest.raises(ConfigError, match="audio"):
         replay.replay({**batch, "audio": torch.zeros(4, 3)})
     with pytest.raises(ValueError, match="policy"):
         Replay(policy="fifo")
@@ -274,7 +274,7 @@ def test_reservoir_replays_label_free_pairs():
     replay.update(pairs, 0)
     out = replay.replay({k: v[:2] for k, v in pairs.items()})
     assert len(replay) == 10 and {k: len(v) for k, v in out.items()} == {"image": 7, "text": 7}
-    with pytest.raises(KeyError, match="label"):
+    with pytest.raises(ConfigError, match="label"):
         Replay(policy="class_balanced").update(pairs, 0)
 
 
@@ -339,7 +339,7 @@ def test_lwf_state_roundtrip_restores_the_teacher():
     assert other.experience == 1 and torch.equal(other.previous_classes, previous)
     for k, v in other.teacher.state_dict().items():
         assert torch.equal(v, teacher_weights[k])
-    assert roundtrip(LwF().state_dict()) == {"experience": None}
+    assert roundtrip(LwF().state_dict()) == {"version": 1, "experience": None}
 
 
 # -- end to end -------------------------------------------------------------------------------
@@ -367,6 +367,7 @@ def fit(*strategies, epochs: int = 2, ckpt_dir: Path | None = None, ckpt_path=No
         enable_model_summary=False,
         callbacks=[metrics, *strategies, *extra],
         **trainer,
+        **data.trainer_settings(),
     )
     trainer.fit(model, data, ckpt_path=ckpt_path)
     return trainer, model, metrics.summary()
@@ -463,6 +464,7 @@ def test_ddp_fisher_identical_across_ranks(tmp_path):
         accelerator="cpu",
         devices=2,
         strategy="ddp_fork",
+        **data.trainer_settings(),
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
