@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.protocols import StrategyHost, require
+from mneme.callbacks.buffer_policies import BUFFER_POLICIES, NEEDS_LABELS
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.datamodules.errors import ConfigError
 from torch import Tensor
 
 Batch = dict[str, Tensor]
-POLICIES = ("reservoir", "class_balanced")
 # 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is).
 STATE_VERSION = 1
 _MASK64 = (1 << 64) - 1
@@ -67,7 +67,8 @@ class Replay(ExperienceCallback):
 
     Args:
         buffer_size: samples kept (per rank).
-        policy: ``reservoir`` or ``class_balanced``.
+        policy: a name of :mod:`mneme.callbacks.buffer_policies` (``reservoir``,
+            ``class_balanced``, or one registered with ``buffer_policy``).
         replay_batch_size: buffer samples appended to each training batch; default the
             datamodule's ``batch_size`` (Avalanche's ``batch_size_mem``).
         buffer_device: where the buffer lives; default the training device.
@@ -85,7 +86,7 @@ class Replay(ExperienceCallback):
     def __init__(
         self,
         buffer_size: int = 500,
-        policy: Literal["reservoir", "class_balanced"] = "reservoir",
+        policy: str = "reservoir",
         replay_batch_size: int | None = None,
         buffer_device: str | None = None,
         label_key: str = "label",
@@ -93,8 +94,11 @@ class Replay(ExperienceCallback):
     ) -> None:
         if buffer_size < 1:
             raise ConfigError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
-        if policy not in POLICIES:
-            raise ConfigError(f"Replay.policy: one of {POLICIES}, got '{policy}'")
+        if policy not in BUFFER_POLICIES:
+            raise ConfigError(
+                f"Replay.policy: one of {sorted(BUFFER_POLICIES)}, got '{policy}' (a new "
+                "policy is registered with mneme.callbacks.buffer_policies.buffer_policy)"
+            )
         if replay_batch_size is not None and replay_batch_size < 1:
             raise ConfigError(
                 f"Replay.replay_batch_size: must be at least 1, got {replay_batch_size}"
@@ -124,13 +128,15 @@ class Replay(ExperienceCallback):
         new_weights = torch.rand(len(shard), generator=_generator(self.seed, rank, experience))
         weights = torch.cat([new_weights, self.weights.cpu()])
         labels = None
-        if self.policy == "class_balanced":  # reservoir needs no label: any keys will do
+        if self.policy in NEEDS_LABELS:  # reservoir needs no label: any keys will do
             if self.label_key not in tensors:
-                raise ConfigError(f"Replay: class_balanced needs '{self.label_key}' in the data")
+                raise ConfigError(
+                    f"Replay.policy: {self.policy} needs '{self.label_key}' in the data"
+                )
             old_labels = self.buffer.get(self.label_key, shard[:0])
             labels = torch.cat([tensors[self.label_key].cpu()[shard], old_labels.cpu()])
         # Ascending, so that the kept new samples come first, as in the concatenation below.
-        keep = self._select(weights, labels).sort().values
+        keep = BUFFER_POLICIES[self.policy](weights, labels, self.buffer_size).sort().values
         new, old = keep[keep < len(shard)], keep[keep >= len(shard)] - len(shard)
         device = self._device(tensors)
         old_tensors = self.buffer or {key: value[:0] for key, value in tensors.items()}
@@ -145,20 +151,6 @@ class Replay(ExperienceCallback):
         }
         self.weights = weights[keep]
         self.experiences.append(experience)
-
-    def _select(self, weights: Tensor, labels: Tensor | None) -> Tensor:
-        """Indices (into the candidates) the buffer keeps: the highest weights per group."""
-        if self.policy == "reservoir":
-            return weights.argsort(descending=True, stable=True)[: self.buffer_size]
-        classes = labels.unique(sorted=True)
-        quota = [self.buffer_size // len(classes)] * len(classes)
-        for i in range(self.buffer_size - sum(quota)):
-            quota[i] += 1
-        keep = []
-        for c, q in zip(classes.tolist(), quota, strict=True):
-            members = (labels == c).nonzero().squeeze(1)
-            keep.append(members[weights[members].argsort(descending=True, stable=True)[:q]])
-        return torch.cat(keep)
 
     def _device(self, tensors: Batch) -> torch.device:
         if self.buffer_device is not None:

@@ -8,7 +8,8 @@ from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier, ContrastiveAligner
 from mneme.app.modalities import encoder_type
 from mneme.app.protocols import Classifier, StrategyHost, require
-from mneme.callbacks import ContinualMetrics, ExperienceCallback, FeatureDistillation, LwF
+from mneme.callbacks import ContinualMetrics, ExperienceCallback, FeatureDistillation, LwF, Replay
+from mneme.callbacks.buffer_policies import buffer_policy
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch import nn
 
@@ -119,3 +120,19 @@ def test_a_strategy_on_a_module_it_cannot_serve_fails_before_training(callback, 
     with pytest.raises(ConfigError, match=f"{type(callback).__name__}.*lacks.*{lacks}"):
         trainer.fit(module(), datamodule)
     assert trainer.global_step == 0
+
+
+@buffer_policy("first_seen_test")
+def first_seen(weights, labels, size):
+    """A test policy: keep the earliest candidates offered (new ones come first)."""
+    return torch.arange(len(weights) - min(size, len(weights)), len(weights))
+
+
+def test_a_buffer_policy_in_one_file_is_named_by_replay():
+    replay = Replay(buffer_size=5, policy="first_seen_test")
+    uid = torch.arange(20)
+    replay.update({"uid": uid[:10], "label": uid[:10] % 2}, 0)
+    replay.update({"uid": uid[10:], "label": uid[10:] % 2}, 1)
+    assert sorted(replay.buffer["uid"].tolist()) == [5, 6, 7, 8, 9]
+    with pytest.raises(ConfigError, match="first_seen_test"):
+        Replay(policy="no_such_policy")
