@@ -161,14 +161,9 @@ class ContrastiveAligner(ContinualModule):
         trainer = self.trainer
         datamodule = trainer.datamodule
         if self.encoders is None:
-            tensors = datamodule.train_experiences[0].tensors
-            missing = [m for m in self.hparams.encoders if m not in tensors]
-            if missing:
-                raise ConfigError(
-                    f"model.encoders: the stream has no field {missing} (its fields: "
-                    f"{sorted(tensors)}); name the fields with data.sample_keys"
-                )
-            shapes = {m: tuple(tensors[m].shape[1:]) for m in self.hparams.encoders}
+            shapes = {
+                m: datamodule.field_shape(m, f"model.encoders.{m}") for m in self.hparams.encoders
+            }
             self._build(shapes, datamodule.num_classes)
         self.set_prompts(*self._prompts_from(datamodule))
         num_test = len(datamodule.test_experiences)

@@ -88,7 +88,8 @@ class ContinualClassifier(ContinualModule):
     def setup(self, stage: str) -> None:
         datamodule = self.trainer.datamodule
         if self.encoder is None:
-            self._build(datamodule.num_classes, datamodule.num_tasks, datamodule.input_shape)
+            shape = datamodule.field_shape(self.input_key)
+            self._build(datamodule.num_classes, datamodule.num_tasks, shape)
         self._check_fits(datamodule)
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
 
@@ -97,7 +98,7 @@ class ContinualClassifier(ContinualModule):
         fails here with the mismatch named, not with a shape error deep in a matmul."""
         hp = self.hparams
         stream = {
-            "input_shape": tuple(datamodule.input_shape),
+            "input_shape": datamodule.field_shape(self.input_key),
             "num_classes": datamodule.num_classes,
             "num_tasks": datamodule.num_tasks,
         }

@@ -197,10 +197,16 @@ class ContinualDataModule(LightningDataModule):
     def num_tasks(self) -> int:
         return 1 + max(max(e.tasks) for e in self.train_experiences + self.test_experiences)
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one sample of the first field (the input of a classifier)."""
-        return tuple(self.train_experiences[0].tensors[self.sample_keys[0]].shape[1:])
+    def field_shape(self, key: str, field: str = "model.input_key") -> tuple[int, ...]:
+        """Shape of one sample of field ``key`` (a model takes its input shape from the field
+        it reads); a field the stream lacks is refused naming ``field``."""
+        tensors = self.train_experiences[0].tensors
+        if key not in tensors:
+            raise ConfigError(
+                f"{field}: the stream has no field '{key}' (its fields: {sorted(tensors)}); "
+                "name the fields with data.sample_keys"
+            )
+        return tuple(tensors[key].shape[1:])
 
     # -- Lightning hooks ----------------------------------------------------------------
     def prepare_data(self) -> None:

@@ -4,6 +4,9 @@ import pytest
 import torch
 from mneme.app import ContinualClassifier
 from mneme.app.encoders import create_encoder
+from mneme.datamodules import ContinualDataModule
+
+from tests.conftest import digits_stream
 
 
 def test_single_head_masks_unseen_classes():
@@ -61,3 +64,14 @@ def test_encoder_weights_load_from_a_local_file(tmp_path):
 def test_unknown_encoder_name_is_a_clear_error():
     with pytest.raises(ValueError, match="model.encoder: unknown model 'resnet1000'"):
         create_encoder("resnet1000", (3, 32, 32))
+
+
+def test_the_model_takes_its_input_shape_from_the_field_it_reads(tmp_path):
+    from lightning.pytorch import Trainer
+    from mneme.datamodules import ConfigError
+
+    datamodule = ContinualDataModule(**digits_stream(2))
+    trainer = Trainer(logger=False, default_root_dir=tmp_path, **datamodule.trainer_settings())
+    with pytest.raises(ConfigError, match="model.input_key: the stream has no field 'audio'"):
+        trainer.fit(ContinualClassifier(input_key="audio"), datamodule)
+    assert datamodule.field_shape("image") == (1, 8, 8)

@@ -12,7 +12,7 @@ from tests.conftest import MNIST_NPZ, digits_stream, needs_mnist
 def test_split_digits_class_incremental():
     dm = ContinualDataModule(**digits_stream(5, seed=1))
     assert dm.num_experiences == 5 and dm.num_classes == 10 and dm.num_tasks == 1
-    assert dm.input_shape == (1, 8, 8)
+    assert dm.field_shape("image") == (1, 8, 8)
     classes = [e.classes for e in dm.train_experiences]
     assert all(len(c) == 2 for c in classes)
     assert sorted(sum(classes, [])) == list(range(10))
@@ -40,7 +40,7 @@ def test_seed_changes_class_order():
 @needs_mnist
 def test_split_mnist_file_uses_first_8000_rows_for_training():
     dm = ContinualDataModule("mneme.datamodules.SplitMNISTFile", {"path": str(MNIST_NPZ)})
-    assert dm.input_shape == (1, 28, 28) and dm.num_classes == 10
+    assert dm.field_shape("image") == (1, 28, 28) and dm.num_classes == 10
     assert sum(len(e.tensors["label"]) for e in dm.train_experiences) == 8000
     assert sum(len(e.tensors["label"]) for e in dm.test_experiences) == 2000
     labels = np.load(MNIST_NPZ)["labels"]
