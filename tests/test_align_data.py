@@ -116,3 +116,67 @@ def test_csv_missing_column_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="caption_key: no column 'caption'"):
         CSVCaptions(str(path), caption_key="caption")
+
+
+def captions_name_their_labels(experiences) -> None:
+    """Every caption of every experience names the number word of its (stream) label."""
+    for exp in experiences:
+        tokens, labels = exp.tensors["text"], exp.tensors["label"]
+        unique, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+        words = [set(decode(row).split()) for row in unique]
+        for i, label in zip(inverse.tolist(), labels.tolist(), strict=True):
+            assert NUMBER_WORDS[label] in words[i], (decode(unique[i]), label)
+
+
+@pytest.mark.parametrize(
+    "order", [{"seed": 0}, {"seed": 3}, {"fixed_class_order": [9, 2, 7, 0, 4, 1, 8, 3, 6, 5]}]
+)
+def test_captions_and_prompts_follow_the_label_whatever_the_class_order(order):
+    # Issue 8: a class order other than 0..9 must not shift captions or class names against
+    # the labels (the stream keeps the original digit as the label; class_names index it).
+    dm = ContinualDataModule(
+        "mneme.datamodules.SplitCaptionedDigits",
+        {"n_experiences": 5, **order},
+        sample_keys=["image", "label", "text", "task"],
+    )
+    fixed = order.get("fixed_class_order")
+    for k, exp in enumerate(dm.train_experiences + dm.test_experiences):
+        # labels are the digits themselves, not positions in the class order
+        assert set(exp.tensors["label"].tolist()) == set(exp.classes)
+        if fixed:
+            assert sorted(exp.classes) == sorted(fixed[2 * (k % 5) : 2 * (k % 5) + 2])
+    captions_name_their_labels(dm.train_experiences + dm.test_experiences)
+    from mneme.app.aligner import ContrastiveAligner
+
+    module = ContrastiveAligner(input_shapes={"image": (1, 8, 8), "text": (16,)}, num_classes=10)
+    module.set_prompts(dm.scenario.class_names, dm.scenario.prompt_templates)
+    for c in range(10):
+        assert all(NUMBER_WORDS[c] in decode(t).split() for t in module.prompt_tokens[c])
+
+
+def test_captioned_digit_images_show_their_label_under_a_shuffled_order():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    flat = torch.tensor(digits.images, dtype=torch.float32).div(16).flatten(1)
+    dm = ContinualDataModule(
+        "mneme.datamodules.SplitCaptionedDigits",
+        {"n_experiences": 5, "seed": 0},
+        sample_keys=["image", "label", "text", "task"],
+    )
+    for exp in dm.train_experiences + dm.test_experiences:
+        t = exp.tensors
+        for i in range(0, len(t["label"]), 23):
+            match = (flat == t["image"][i].flatten()).all(1).nonzero().squeeze(1)
+            assert int(digits.target[match[0]]) == int(t["label"][i])
+
+
+@needs_spoken
+def test_spoken_digit_captions_name_their_labels_under_a_shuffled_order():
+    dm = ContinualDataModule(
+        "mneme.datamodules.SpokenDigits",
+        {"path": str(SPOKEN), "split": "class", "seed": 0},
+        sample_keys=["audio", "label", "image", "text", "task"],
+    )
+    assert [e.classes for e in dm.train_experiences] != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    captions_name_their_labels(dm.train_experiences + dm.test_experiences)
