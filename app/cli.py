@@ -31,7 +31,12 @@ subcommands:
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
-SCHEDULE_KEYS = ("max_epochs", "reload_dataloaders_every_n_epochs", "check_val_every_n_epoch")
+SCHEDULE_KEYS = (
+    "max_epochs",
+    "reload_dataloaders_every_n_epochs",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True):
@@ -103,7 +108,6 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "logs", "name": "mneme"},
             },
-            "num_sanity_val_steps": 0,
         },
         parser_kwargs={"exit_on_error": False},
         args=args,

@@ -260,7 +260,6 @@ def run_mneme(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         callbacks=[first, metrics, *mneme_strategy_callbacks(strategy, seed), last],
         **datamodule.trainer_settings(),
     )

@@ -95,13 +95,15 @@ class ContinualMetrics(Callback):
                 # after this hook, and never rewrites it.
                 logger.hparams.update(self.run_config)
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.measure_baseline and self.baseline is None and trainer.current_epoch == 0:
-            self.baseline = evaluate_stream(trainer, pl_module)
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         accuracy = _compute_and_reset(pl_module)
         if trainer.sanity_checking:
+            # The untrained model's row, the baseline of forward transfer: Lightning's own
+            # validation pass before training (num_sanity_val_steps=-1, which
+            # datamodule.trainer_settings() asks for), kept only when it saw every batch.
+            full = list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches)
+            if self.measure_baseline and self.baseline is None and full:
+                self.baseline = accuracy
             return
         # Already synced by the metric; sync_dist only tells Lightning so (no warning).
         pl_module.log_dict({f"val/acc_exp{j}": a for j, a in enumerate(accuracy)}, sync_dist=True)
@@ -157,19 +159,6 @@ class ContinualMetrics(Callback):
         _write_json(trainer, f"{stage}_metrics.json", result)
         if self.print_table:
             _print(format_stage(stage, accuracy, result["average_accuracy"]))
-
-
-@torch.no_grad()
-def evaluate_stream(trainer: Trainer, pl_module: LightningModule) -> list[float]:
-    """Accuracy on every test experience now, through the module's own ``validation_step``."""
-    was_training = pl_module.training
-    pl_module.eval()
-    for j, loader in enumerate(trainer.datamodule.val_dataloader()):
-        for i, batch in enumerate(loader):
-            batch = pl_module.transfer_batch_to_device(batch, pl_module.device, j)
-            pl_module.validation_step(batch, i, j)
-    pl_module.train(was_training)
-    return _compute_and_reset(pl_module)
 
 
 def _compute_and_reset(pl_module: LightningModule) -> list[float]:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 from mneme.datamodules.errors import ConfigError
 
+LIGHTNING_SANITY_STEPS = 2  # Trainer(num_sanity_val_steps=...)'s default
+
 
 class Stream(Protocol):
     """What the schedule needs from a datamodule."""
@@ -66,6 +68,8 @@ def trainer_settings(
       built anew each epoch (cheap: batches are index slices).
     - ``check_val_every_n_epoch``: each experience end (``E``), every epoch with
       ``validate_each_epoch``; any divisor of ``E`` the user sets is kept.
+    - ``num_sanity_val_steps=-1`` unless set: the full validation pass before training
+      gives ``ContinualMetrics`` the untrained baseline row (0 skips it: no FWT).
 
     Example::
 
@@ -99,10 +103,14 @@ def trainer_settings(
             f"{epochs} epochs), where the accuracy matrix is filled; use a divisor of "
             f"{epochs}, or data.validate_each_epoch: true"
         )
+    sanity = user.get("num_sanity_val_steps", LIGHTNING_SANITY_STEPS)
     return {
         "max_epochs": max_epochs,
         "reload_dataloaders_every_n_epochs": 1,
         "check_val_every_n_epoch": check_val,
+        # Lightning's validation pass before training, over every batch: the untrained
+        # model's accuracy row (the baseline of forward transfer) comes from it.
+        "num_sanity_val_steps": -1 if sanity in (None, LIGHTNING_SANITY_STEPS) else sanity,
     }
 
 

@@ -40,7 +40,6 @@ def make_run(tmp_path, *callbacks: Callback, **module_args):
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        num_sanity_val_steps=0,
         default_root_dir=tmp_path,
         callbacks=list(callbacks),
         **datamodule.trainer_settings(),
@@ -113,6 +112,7 @@ def test_trainer_settings_fill_what_the_user_left_unset():
         "max_epochs": EXPERIENCES * EPOCHS,
         "reload_dataloaders_every_n_epochs": 1,
         "check_val_every_n_epoch": EPOCHS,
+        "num_sanity_val_steps": -1,  # the untrained baseline row
     }
     # a prefix of the stream, and validation at a divisor of the experience length, are kept
     kept = datamodule.trainer_settings(max_epochs=4, check_val_every_n_epoch=2)
@@ -144,3 +144,38 @@ def test_a_trainer_built_without_the_settings_is_refused_before_training(tmp_pat
     with pytest.raises(ConfigError, match=r"Trainer\(\*\*datamodule.trainer_settings\(\)"):
         trainer.fit(ContinualClassifier(), datamodule)
     assert trainer.global_step == 0
+
+
+def test_the_baseline_row_is_lightnings_validation_pass_before_training(tmp_path):
+    from mneme.app.metrics import ExperienceAccuracy
+    from mneme.callbacks import ContinualMetrics
+
+    class InitialWeights(Callback):  # the built, untrained model, before any validation
+        def on_fit_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    datamodule = ContinualDataModule(**digits_stream(EXPERIENCES), epochs_per_experience=1)
+    args = {"encoder_args": {"hidden": [16]}}
+    metrics, initial = ContinualMetrics(print_table=False), InitialWeights()
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[initial, metrics],
+        **datamodule.trainer_settings(),
+    )
+    trainer.fit(ContinualClassifier(**args), datamodule)
+    # the same accuracy, computed by hand with the untrained weights
+    untrained = ContinualClassifier(**args, num_classes=10, num_tasks=1, input_shape=(1, 8, 8))
+    untrained.load_state_dict(initial.state)
+    untrained.experience_accuracy = ExperienceAccuracy(EXPERIENCES)
+    untrained.eval()
+    with torch.no_grad():
+        for j, loader in enumerate(datamodule.val_dataloader()):
+            for i, batch in enumerate(loader):
+                untrained.validation_step(batch, i, j)
+    expected = untrained.experience_accuracy.compute().tolist()
+    assert metrics.baseline == pytest.approx(expected)
+    assert len(metrics.rows) == EXPERIENCES
