@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.alignment_loss import AlignmentLoss
 from mneme.app.continual_module import Batch, ContinualModule
-from mneme.app.metrics import ExperienceAccuracy
 from mneme.app.modalities import build_encoders
 from mneme.app.retrieval import CrossModalRecall, class_embeddings
+from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 

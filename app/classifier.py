@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import create_encoder, feature_dim
-from mneme.app.metrics import ExperienceAccuracy
+from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
 

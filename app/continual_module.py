@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from mneme.app.metrics import ExperienceAccuracy
 from mneme.app.protocols import Batch, BatchTransform, LossTerm
+from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.schedule import current_experience, is_experience_start
 from torch import Tensor

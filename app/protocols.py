@@ -70,7 +70,7 @@ class Embedder(StrategyHost, Protocol):
 
 class ReportsExperienceAccuracy(Protocol):
     """A module whose ``validation_step``/``test_step`` update ``experience_accuracy`` (an
-    :class:`mneme.app.metrics.ExperienceAccuracy`) per test experience."""
+    :class:`mneme.callbacks.metrics.ExperienceAccuracy`) per test experience."""
 
     experience_accuracy: Any
 

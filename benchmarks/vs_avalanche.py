@@ -318,7 +318,7 @@ def machine() -> dict[str, Any]:
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from mneme.app.metrics import summarize
+    from mneme.callbacks.metrics import summarize
 
     for run in runs:
         s = summarize(run["accuracy_matrix"])
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                     out.update(stream=stream, strategy=strategy, runner=runner, seed=seed)
                     runs.append(out)
-                    from mneme.app.metrics import average_accuracy
+                    from mneme.callbacks.metrics import average_accuracy
 
                     print(
                         f"{stream:8s} {strategy:6s} seed={seed} {runner:9s} "

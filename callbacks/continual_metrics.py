@@ -15,7 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from mneme.app.metrics import summarize
+from mneme.callbacks.metrics import summarize
 from mneme.datamodules.schedule import current_experience, is_experience_end
 
 SUMMARY_KEYS = ("average_accuracy", "forgetting", "bwt", "fwt", "average_incremental_accuracy")
@@ -42,7 +42,7 @@ class ContinualMetrics(Callback):
     """Fills the accuracy matrix ``R[k, j]`` (after experience ``k``, on test experience ``j``)
     and reports average accuracy, forgetting, backward and forward transfer, the average
     incremental accuracy and, for a zero-shot model (ContrastiveAligner), the MTIL protocol's
-    Transfer, Average and Last (see :mod:`mneme.app.metrics`).
+    Transfer, Average and Last (see :mod:`mneme.callbacks.metrics`).
 
     Reads the module's ``experience_accuracy`` (a torchmetrics ``ExperienceAccuracy`` that the
     module's ``validation_step``/``test_step`` update per test experience, synced across

@@ -191,7 +191,7 @@ def test_class_embeddings_are_renormalized_means_of_normalized_templates():
 
 def test_zero_shot_accuracy_fills_experience_accuracy():
     from mneme.app.aligner import ContrastiveAligner
-    from mneme.app.metrics import ExperienceAccuracy
+    from mneme.callbacks.metrics import ExperienceAccuracy
 
     module = ContrastiveAligner(
         encoders={"image": {"model": "mneme_mlp", "args": {"hidden": [8]}}, "text": {}},

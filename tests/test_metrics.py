@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mneme.app.metrics import (
+from mneme.callbacks.metrics import (
     ExperienceAccuracy,
     average_accuracy,
     average_incremental_accuracy,
