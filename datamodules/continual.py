@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,28 +13,11 @@ import avalanche.benchmarks  # noqa: F401
 import torch
 from lightning.pytorch import LightningDataModule
 from mneme.datamodules import schedule
+from mneme.datamodules.benchmarks import resolve_benchmark
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.tensor_batches import Batch, TensorBatches
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-
-def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..., Any]:
-    """Import a benchmark factory or class by ``class_path`` and check that ``arguments`` fit
-    its signature, with an error that names the field."""
-    module_name, _, attr = class_path.rpartition(".")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise ConfigError(
-            f"data.benchmark: cannot import '{class_path}'; name a benchmark such as "
-            "avalanche.benchmarks.classic.SplitMNIST or mneme.datamodules.SplitDigits"
-        ) from None
-    try:
-        inspect.signature(factory).bind(**arguments)
-    except TypeError as err:
-        raise ConfigError(f"data.benchmark_args: {err} (for {class_path})") from None
-    return factory
 
 
 @dataclass
