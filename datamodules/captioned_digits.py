@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from mneme.datamodules.benchmarks import stream
 from mneme.datamodules.captions import (
     DEFAULT_TOKENIZER,
     EVAL_TEMPLATES,
@@ -37,6 +38,7 @@ def captioned(
     return PairedTensors([images, tokenize(captions, tokenizer, context_length)], labels)
 
 
+@stream
 def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     n_experiences: int = 5,
     *,

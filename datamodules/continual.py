@@ -88,6 +88,8 @@ class ContinualDataModule(LightningDataModule):
         data_on_device: with ``materialize``, keep the tensors on the training device.
         validate_each_epoch: validate after every epoch, not only at experience ends.
         seed: seed of the per-epoch shuffling.
+        trusted_benchmarks: import paths of your own benchmark factories that ``benchmark``
+            may name besides Avalanche's and Mneme's (a config runs nothing else).
 
     Example (YAML)::
 
@@ -110,6 +112,7 @@ class ContinualDataModule(LightningDataModule):
         num_workers: int = 0,
         validate_each_epoch: bool = False,
         seed: int = 0,
+        trusted_benchmarks: Sequence[str] = (),
     ) -> None:
         super().__init__()
         for name, value in (
@@ -122,7 +125,7 @@ class ContinualDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.benchmark = benchmark
         self.benchmark_args = dict(benchmark_args or {})
-        self.factory = resolve_benchmark(benchmark, self.benchmark_args)
+        self.factory = resolve_benchmark(benchmark, self.benchmark_args, trusted_benchmarks)
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size

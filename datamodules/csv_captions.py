@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mneme.datamodules.benchmarks import stream
 from mneme.datamodules.captions import DEFAULT_TOKENIZER, PairedTensors, tokenize
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark
@@ -84,6 +85,7 @@ def load_images(paths: Sequence[Path], image_size: int, channels: int) -> torch.
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0)
 
 
+@stream
 def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     train_csv: str,
     test_csv: str | None = None,

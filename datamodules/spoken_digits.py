@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mneme.datamodules.benchmarks import stream
 from mneme.datamodules.captions import (
     DEFAULT_TOKENIZER,
     EVAL_TEMPLATES,
@@ -75,6 +76,7 @@ def _paired_images(labels: np.ndarray, images: torch.Tensor, image_labels, seed:
     return images[torch.from_numpy(index)]
 
 
+@stream
 def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     path: str,
     n_experiences: int = 5,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mneme.datamodules.benchmarks import stream
 from mneme.datamodules.errors import ConfigError
 from torch.utils.data import Dataset
 
@@ -80,6 +81,7 @@ def load_digits_tensors(test_size: float = 0.25, seed: int = 0):
     )
 
 
+@stream
 def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     n_experiences: int = 5,
     *,
@@ -146,6 +148,7 @@ def load_mnist_npz(path: str | Path):
     return LabeledTensors(x[:n], y[:n]), LabeledTensors(x[n:], y[n:])
 
 
+@stream
 def SplitMNISTFile(  # noqa: N802
     path: str,
     n_experiences: int = 5,
@@ -168,6 +171,7 @@ def SplitMNISTFile(  # noqa: N802
     )
 
 
+@stream
 def PermutedMNISTFile(  # noqa: N802
     path: str,
     n_experiences: int = 5,
