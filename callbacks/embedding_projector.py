@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mneme.app.protocols import Embedder, require
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.seeding import run_seed
 
 
 class EmbeddingProjector(ExperienceCallback):
@@ -23,7 +24,7 @@ class EmbeddingProjector(ExperienceCallback):
     Args:
         samples_per_experience: test samples drawn from each test experience (seeded).
         each_experience: also write at each experience end (step = experience).
-        seed: seed of the sample.
+        seed: seed of the sample; default the run's (``seed_everything``).
 
     Example (YAML)::
 
@@ -34,7 +35,10 @@ class EmbeddingProjector(ExperienceCallback):
     """
 
     def __init__(
-        self, samples_per_experience: int = 100, each_experience: bool = False, seed: int = 0
+        self,
+        samples_per_experience: int = 100,
+        each_experience: bool = False,
+        seed: int | None = None,
     ) -> None:
         if samples_per_experience < 1:
             raise ConfigError(
@@ -47,12 +51,11 @@ class EmbeddingProjector(ExperienceCallback):
 
     def sample(self, trainer: Trainer) -> dict[str, torch.Tensor]:
         """A seeded sample of every test experience, with an ``experience`` field."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(run_seed(self.seed))
         parts = []
         for j, exp in enumerate(trainer.datamodule.test_experiences):
-            n = len(exp.tensors["label"])
-            index = torch.randperm(n, generator=generator)[: self.samples_per_experience]
-            part = {k: v.index_select(0, index.to(v.device)) for k, v in exp.tensors.items()}
+            index = torch.randperm(len(exp), generator=generator)[: self.samples_per_experience]
+            part = exp.read(index.sort().values)  # only the sampled ones are read
             part["experience"] = torch.full((len(index),), j)
             parts.append(part)
         return {k: torch.cat([p[k].cpu() for p in parts]) for k in parts[0]}

@@ -11,6 +11,8 @@ from mneme.app.protocols import ZeroShotClassifier, require
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.replay import derive_seed
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.experiences import ExperienceData, as_experience
+from mneme.datamodules.seeding import run_seed
 from torch import Tensor, nn
 
 Batch = dict[str, Tensor]
@@ -86,7 +88,7 @@ class EWC(ExperienceCallback):
         fisher_samples: samples of each experience used for the Fisher (a fixed random
             subset, seeded by ``(seed, experience)``); default all of them.
         fisher_batch_size: batch size of the Fisher pass; default the datamodule's.
-        seed: seed of the Fisher subset.
+        seed: seed of the Fisher subset; default the run's (``seed_everything``).
         decoupled: apply the penalty's gradient right before the optimizer step (fast, for
             Lightning's optimizer loop); ``False`` back-propagates it through the loss term,
             for a loss used outside that loop.
@@ -106,7 +108,7 @@ class EWC(ExperienceCallback):
         decay_factor: float | None = None,
         fisher_samples: int | None = None,
         fisher_batch_size: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         decoupled: bool = True,
     ) -> None:
         if ewc_lambda < 0:
@@ -212,15 +214,21 @@ class EWC(ExperienceCallback):
 
     @torch.enable_grad()
     def estimate_fisher(
-        self, pl_module: LightningModule, tensors: Batch, experience: int, trainer: Trainer | None
+        self,
+        pl_module: LightningModule,
+        data: ExperienceData | Batch,
+        experience: int,
+        trainer: Trainer | None,
     ) -> Tensor:
-        """Diagonal empirical Fisher (flat) of ``tensors``: mean over batches of the squared
-        mean-batch gradient, summed over ranks and batches when distributed."""
+        """Diagonal empirical Fisher (flat) of one experience: mean over batches of the
+        squared mean-batch gradient, summed over ranks and batches when distributed. Only
+        the ``fisher_samples`` drawn are read."""
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        n = len(next(iter(tensors.values())))
+        data = as_experience(data)
+        n = len(data)
         index = torch.arange(n)
         if self.fisher_samples is not None and self.fisher_samples < n:
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, experience))
+            generator = torch.Generator().manual_seed(derive_seed(run_seed(self.seed), experience))
             index = torch.randperm(n, generator=generator)[: self.fisher_samples].sort().values
         index = index[rank::world_size]
         batch_size = self.fisher_batch_size or getattr(
@@ -230,11 +238,8 @@ class EWC(ExperienceCallback):
         total = torch.zeros(sum(p.numel() for p in params) + 1, device=params[0].device)
         was_training = pl_module.training
         pl_module.eval()
-        for chunk in index.split(batch_size):
-            batch = {
-                key: value.index_select(0, chunk.to(value.device)).to(pl_module.device)
-                for key, value in tensors.items()
-            }
+        for batch in data.batches(batch_size, index):
+            batch = {key: value.to(pl_module.device) for key, value in batch.items()}
             # autograd.grad leaves `.grad` (and DDP's gradient hooks) untouched.
             grads = torch.autograd.grad(self.loss(pl_module, batch), params, allow_unused=True)
             flat = torch.cat(
@@ -288,20 +293,21 @@ class EWC(ExperienceCallback):
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         if experience in self.experiences:  # already consolidated (state from a checkpoint)
             return
-        tensors = trainer.datamodule.train_experiences[experience].tensors
-        self.update(pl_module, tensors, experience, trainer)
+        self.update(
+            pl_module, trainer.datamodule.train_experiences[experience], experience, trainer
+        )
 
     def update(
         self,
         pl_module: LightningModule,
-        tensors: Batch,
+        data: ExperienceData | Batch,
         experience: int,
         trainer: Trainer | None = None,
     ) -> None:
         """Estimate the Fisher of one experience, store it with the anchor, consolidate."""
         if not self._params:
             self._bind(pl_module)
-        fisher = self.estimate_fisher(pl_module, tensors, experience, trainer)
+        fisher = self.estimate_fisher(pl_module, data, experience, trainer)
         anchor = self._flat_params()
         if self.mode == "online" and self.fishers:
             fisher = self.decay_factor * self.fishers[0] + fisher

@@ -126,9 +126,8 @@ class LwF(SelfDistillation):
         ``< experience``, per head (a sample's task picks its head when there are several)."""
         mask = torch.zeros(pl_module.num_heads, pl_module.num_classes, dtype=torch.bool)
         for exp in trainer.datamodule.train_experiences[:experience]:
-            labels = exp.tensors["label"].cpu()
-            tasks = exp.tensors.get("task")
-            heads = tasks.cpu() if pl_module.num_heads > 1 else torch.zeros_like(labels)
+            labels = exp.labels().cpu()  # metadata: no sample is read
+            heads = exp.task_labels().cpu() if pl_module.num_heads > 1 else torch.zeros_like(labels)
             mask[heads, labels] = True
         return mask
 

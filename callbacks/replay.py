@@ -10,6 +10,8 @@ from mneme.app.protocols import StrategyHost, require
 from mneme.callbacks.buffer_policies import BUFFER_POLICIES, NEEDS_LABELS
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.experiences import ExperienceData, as_experience
+from mneme.datamodules.seeding import run_seed
 from torch import Tensor
 
 Batch = dict[str, Tensor]
@@ -42,11 +44,12 @@ class Replay(ExperienceCallback):
     """Rehearsal: keep raw samples of past experiences and train on them with the new ones.
 
     At the end of each experience the buffer is updated from that experience's training
-    tensors (``datamodule.train_experiences[k].tensors``, every key, e.g. ``image``/``text``/
-    ``label``/``task``). During training, each batch becomes the current batch plus
-    ``replay_batch_size`` buffer samples drawn uniformly without replacement (with replacement
-    only when the buffer is smaller), every key concatenated, on the device, before the
-    forward pass (the module's ``batch_transforms``). Experience 0 trains on its own data.
+    data (``datamodule.train_experiences[k]``, every field, e.g. ``image``/``text``/
+    ``label``/``task``); only the samples kept are read. During training, each batch becomes
+    the current batch plus ``replay_batch_size`` buffer samples drawn uniformly without
+    replacement (with replacement only when the buffer is smaller), every key concatenated,
+    on the device, before the forward pass (the module's ``batch_transforms``). Experience 0
+    trains on its own data.
 
     Policies (as Avalanche's storage policies; each sample gets a uniform random weight when
     it is first offered, and the buffer keeps the highest weights):
@@ -69,11 +72,13 @@ class Replay(ExperienceCallback):
         buffer_size: samples kept (per rank).
         policy: a name of :mod:`mneme.callbacks.buffer_policies` (``reservoir``,
             ``class_balanced``, or one registered with ``buffer_policy``).
-        replay_batch_size: buffer samples appended to each training batch; default the
-            datamodule's ``batch_size`` (Avalanche's ``batch_size_mem``).
+        replay_batch_size: buffer samples appended to each training batch (Avalanche's
+            ``batch_size_mem``); default as many as the batch holds (the datamodule's
+            ``batch_size``, fewer in an experience's last, or only, partial batch).
         buffer_device: where the buffer lives; default the training device.
         label_key: the batch key of the class label (for ``class_balanced``).
-        seed: base seed of the buffer weights and replay draws.
+        seed: base seed of the buffer weights and replay draws; default the run's
+            (``seed_everything``).
 
     Example (YAML)::
 
@@ -90,7 +95,7 @@ class Replay(ExperienceCallback):
         replay_batch_size: int | None = None,
         buffer_device: str | None = None,
         label_key: str = "label",
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if buffer_size < 1:
             raise ConfigError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
@@ -114,43 +119,53 @@ class Replay(ExperienceCallback):
         self.weights = torch.zeros(0)
         self.experiences: list[int] = []
         self._trainer: Trainer | None = None
-        self._replay_n = replay_batch_size
 
     def __len__(self) -> int:
         return len(self.weights)
 
     # -- buffer ---------------------------------------------------------------------------
-    def update(self, tensors: Batch, experience: int, rank: int = 0, world_size: int = 1) -> None:
-        """Offer this rank's shard of ``tensors`` (one experience) to the buffer."""
+    def update(
+        self, data: ExperienceData | Batch, experience: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        """Offer this rank's shard of one experience to the buffer: only the samples the
+        policy keeps are read (labels come from the experience's metadata)."""
         if experience in self.experiences:  # already in (e.g. the state came from a checkpoint)
             return
-        shard = torch.arange(rank, len(next(iter(tensors.values()))), world_size)
-        new_weights = torch.rand(len(shard), generator=_generator(self.seed, rank, experience))
+        data = as_experience(data)
+        shard = torch.arange(rank, len(data), world_size)
+        new_weights = torch.rand(
+            len(shard), generator=_generator(run_seed(self.seed), rank, experience)
+        )
         weights = torch.cat([new_weights, self.weights.cpu()])
         labels = None
         if self.policy in NEEDS_LABELS:  # reservoir needs no label: any keys will do
-            if self.label_key not in tensors:
-                raise ConfigError(
-                    f"Replay.policy: {self.policy} needs '{self.label_key}' in the data"
-                )
             old_labels = self.buffer.get(self.label_key, shard[:0])
-            labels = torch.cat([tensors[self.label_key].cpu()[shard], old_labels.cpu()])
+            labels = torch.cat([self._labels(data, shard), old_labels.cpu()])
         # Ascending, so that the kept new samples come first, as in the concatenation below.
         keep = BUFFER_POLICIES[self.policy](weights, labels, self.buffer_size).sort().values
         new, old = keep[keep < len(shard)], keep[keep >= len(shard)] - len(shard)
-        device = self._device(tensors)
-        old_tensors = self.buffer or {key: value[:0] for key, value in tensors.items()}
+        fresh = data.read(shard[new]) if len(new) else {}
+        device = self._device(fresh or self.buffer)
+        old_tensors = self.buffer or {key: value[:0] for key, value in fresh.items()}
+        fresh = fresh or {key: value[:0] for key, value in old_tensors.items()}
         self.buffer = {
             key: torch.cat(
                 [
-                    value.index_select(0, shard[new].to(value.device)).to(device),
+                    value.to(device),
                     old_tensors[key].to(device).index_select(0, old.to(device)),
                 ]
             )
-            for key, value in tensors.items()
+            for key, value in fresh.items()
         }
         self.weights = weights[keep]
         self.experiences.append(experience)
+
+    def _labels(self, data: ExperienceData, shard: Tensor) -> Tensor:
+        if self.label_key not in data.fields():
+            raise ConfigError(f"Replay.policy: {self.policy} needs '{self.label_key}' in the data")
+        if self.label_key == "label":
+            return data.labels().cpu()[shard]  # metadata: no sample is read
+        return data.read(shard)[self.label_key].cpu()
 
     def _device(self, tensors: Batch) -> torch.device:
         if self.buffer_device is not None:
@@ -162,7 +177,7 @@ class Replay(ExperienceCallback):
     def sample(self, n: int, *keys: int) -> Tensor:
         """``n`` buffer indices, uniform without replacement (with, if the buffer is smaller),
         from a generator seeded by ``keys``."""
-        generator = _generator(self.seed, *keys)
+        generator = _generator(run_seed(self.seed), *keys)
         if n <= len(self):
             return torch.randperm(len(self), generator=generator)[:n]
         return torch.randint(len(self), (n,), generator=generator)
@@ -182,7 +197,9 @@ class Replay(ExperienceCallback):
         rank, _ = _rank(trainer)
         # (global_step, batch_idx): unique per training batch, restored on resume.
         step = (trainer.global_step if trainer else 0, batch_idx)
-        n = self._replay_n or len(next(iter(batch.values())))
+        # As many as the batch holds by default: a batch_size larger than the experience
+        # gives a smaller batch, and the replayed share follows it.
+        n = self.replay_batch_size or len(next(iter(batch.values())))
         index = self.sample(n, rank, *step)
         device = next(iter(self.buffer.values())).device
         index = index.to(device, non_blocking=True)
@@ -194,7 +211,6 @@ class Replay(ExperienceCallback):
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        self._replay_n = self.replay_batch_size or getattr(trainer.datamodule, "batch_size", None)
         require(pl_module, StrategyHost, "Replay")
         self._transform = pl_module.add_batch_transform("replay", self.replay)
 
@@ -211,12 +227,7 @@ class Replay(ExperienceCallback):
             self.buffer = {key: value.to(device) for key, value in self.buffer.items()}
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
-        tensors = self.experience_tensors(trainer, experience)
-        self.update(tensors, experience, *_rank(trainer))
-
-    def experience_tensors(self, trainer: Trainer, experience: int) -> Batch:
-        """The training tensors of ``experience`` (override for other datamodules)."""
-        return trainer.datamodule.train_experiences[experience].tensors
+        self.update(trainer.datamodule.train_experiences[experience], experience, *_rank(trainer))
 
     # -- state ----------------------------------------------------------------------------
     @property

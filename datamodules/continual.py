@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 # Why import avalanche here: importing it for the first time inside a DDP worker, after the
@@ -15,21 +14,20 @@ from lightning.pytorch import LightningDataModule
 from mneme.datamodules import schedule
 from mneme.datamodules.benchmarks import resolve_benchmark
 from mneme.datamodules.errors import ConfigError
-from mneme.datamodules.tensor_batches import Batch, TensorBatches
+from mneme.datamodules.experiences import (
+    DatasetExperience,
+    ExperienceData,
+    SampleCollate,
+    TensorExperience,
+    fixed_generator,
+)
+from mneme.datamodules.seeding import preserved_rng, run_seed
+from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches
 from torch import Tensor
 from torch.utils.data import DataLoader
 
 
-@dataclass
-class Experience:
-    """One experience held as tensors, with what a model needs to know about it."""
-
-    tensors: Batch
-    classes: list[int]
-    tasks: list[int]
-
-
-def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
+def materialize(dataset, sample_keys: Sequence[str]) -> TensorExperience:
     """Read an Avalanche dataset once into contiguous tensors, one per named sample field.
 
     Avalanche yields tuples such as ``[x, y, t]``; ``sample_keys`` names their positions
@@ -37,29 +35,22 @@ def materialize(dataset, sample_keys: Sequence[str]) -> Experience:
     captioned stream: Avalanche's generators read and remap the class label at position 1,
     so ``label`` comes second). A sample without a task label gets task 0.
     """
-    columns: dict[str, list[Tensor]] = {key: [] for key in sample_keys}
-    for sample in DataLoader(dataset, batch_size=1024, num_workers=0):
-        if len(sample) not in (len(sample_keys), len(sample_keys) - 1):
-            raise ConfigError(
-                f"data.sample_keys: the stream's samples have {len(sample)} fields, "
-                f"but sample_keys names {len(sample_keys)}: {list(sample_keys)}"
-            )
-        for key, value in zip(sample_keys, sample, strict=False):
-            columns[key].append(torch.as_tensor(value))
-    tensors = {key: torch.cat(parts).contiguous() for key, parts in columns.items() if parts}
-    if "label" not in tensors:
-        raise ConfigError("data.benchmark: an experience has no samples")
-    tensors["label"] = tensors["label"].long()
-    if tensors["label"].min() < 0:
-        raise ConfigError(
-            f"data.benchmark: labels must be class indices >= 0, found {tensors['label'].min()}"
-        )
-    tensors["task"] = tensors.get("task", torch.zeros_like(tensors["label"])).long()
-    return Experience(
-        tensors=tensors,
-        classes=sorted(tensors["label"].unique().tolist()),
-        tasks=sorted(tensors["task"].unique().tolist()),
+    loader = DataLoader(
+        dataset, batch_size=1024, collate_fn=SampleCollate(sample_keys), generator=fixed_generator()
     )
+    parts = list(loader)
+    if not parts:
+        raise ConfigError("data.benchmark: an experience has no samples")
+    tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+    check_labels(tensors["label"])
+    return TensorExperience(tensors)
+
+
+def check_labels(labels: Tensor) -> None:
+    if len(labels) and labels.min() < 0:
+        raise ConfigError(
+            f"data.benchmark: labels must be class indices >= 0, found {labels.min()}"
+        )
 
 
 class ContinualDataModule(LightningDataModule):
@@ -84,12 +75,16 @@ class ContinualDataModule(LightningDataModule):
         sample_keys: names of the fields of each sample, in order (must include ``label``,
             second for streams made by Avalanche's generators; ``task`` may be absent, then 0).
         materialize: hold experiences in memory as tensors and slice batches (fast). Set to
-            False to go through a DataLoader per sample, e.g. for random augmentation.
+            False to read samples on demand through a DataLoader (a stream larger than
+            memory, or random augmentation): nothing is read up front, and strategies read
+            only the samples they use (:mod:`mneme.datamodules.experiences`).
         data_on_device: with ``materialize``, keep the tensors on the training device.
         validate_each_epoch: validate after every epoch, not only at experience ends.
-        seed: seed of the per-epoch shuffling.
+        seed: seed of the per-epoch shuffling; default the run's (``seed_everything``).
         trusted_benchmarks: import paths of your own benchmark factories that ``benchmark``
             may name besides Avalanche's and Mneme's (a config runs nothing else).
+        max_classes: the largest label a stream may have, plus one (heads have one output
+            per class index: a stray label of 10**9 would ask for a 24 GB head).
 
     Example (YAML)::
 
@@ -111,8 +106,9 @@ class ContinualDataModule(LightningDataModule):
         data_on_device: bool = False,
         num_workers: int = 0,
         validate_each_epoch: bool = False,
-        seed: int = 0,
+        seed: int | None = None,
         trusted_benchmarks: Sequence[str] = (),
+        max_classes: int = 100_000,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -137,9 +133,10 @@ class ContinualDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.validate_each_epoch = validate_each_epoch
         self.seed = seed
+        self.max_classes = max_classes
         self._scenario = None
-        self._train: list[Experience] = []
-        self._test: list[Experience] = []
+        self._train: list[ExperienceData] = []
+        self._test: list[ExperienceData] = []
 
     # -- the stream (built on first use: classic benchmarks download here) ----------------
     @property
@@ -147,25 +144,41 @@ class ContinualDataModule(LightningDataModule):
         """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
             try:
-                scenario = self.factory(**self.benchmark_args)
+                with preserved_rng():  # Avalanche's generators reseed torch's global RNG
+                    scenario = self.factory(**self.benchmark_args)
             except (ValueError, TypeError, AssertionError, IndexError, KeyError) as err:
                 # Avalanche's own checks (e.g. classes not divisible into experiences)
                 message = (
                     str(err) if str(err).startswith("data.") else f"data.benchmark_args: {err!s}"
                 )
                 raise ConfigError(f"{message} (for {self.benchmark})") from err
-            self._train = [materialize(e.dataset, self.sample_keys) for e in scenario.train_stream]
-            self._test = [materialize(e.dataset, self.sample_keys) for e in scenario.test_stream]
+            with preserved_rng():
+                self._train = [self._experience(e) for e in scenario.train_stream]
+                self._test = [self._experience(e) for e in scenario.test_stream]
             self._scenario = scenario
+            if not self._train or not self._test:
+                raise ConfigError(
+                    f"data.benchmark: {self.benchmark} has {len(self._train)} training and "
+                    f"{len(self._test)} test experiences; a stream needs at least one of each"
+                )
         return self._scenario
 
+    def _experience(self, experience) -> ExperienceData:
+        if self.materialize:
+            return materialize(experience.dataset, self.sample_keys)
+        data = DatasetExperience(experience, self.sample_keys, self.num_workers)
+        check_labels(torch.tensor(data.classes))
+        return data
+
     @property
-    def train_experiences(self) -> list[Experience]:
+    def train_experiences(self) -> list[ExperienceData]:
+        """The training experiences, in stream order: tensors when materialized, else read
+        on demand (see :mod:`mneme.datamodules.experiences`)."""
         self.scenario  # noqa: B018 - builds the stream on first use
         return self._train
 
     @property
-    def test_experiences(self) -> list[Experience]:
+    def test_experiences(self) -> list[ExperienceData]:
         self.scenario  # noqa: B018
         return self._test
 
@@ -175,22 +188,35 @@ class ContinualDataModule(LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        return 1 + max(max(e.classes) for e in self.train_experiences + self.test_experiences)
+        """One more than the largest class label (a head has one output per index)."""
+        largest = max(
+            max(e.classes, default=0) for e in self.train_experiences + self.test_experiences
+        )
+        if largest >= self.max_classes:
+            raise ConfigError(
+                f"data.max_classes: the stream's largest label is {largest}, so a head would "
+                f"have {largest + 1} outputs (limit {self.max_classes}); labels are class "
+                "indices 0..C-1: relabel them, or raise data.max_classes"
+            )
+        return largest + 1
 
     @property
     def num_tasks(self) -> int:
-        return 1 + max(max(e.tasks) for e in self.train_experiences + self.test_experiences)
+        return 1 + max(
+            max(e.tasks, default=0) for e in self.train_experiences + self.test_experiences
+        )
 
     def field_shape(self, key: str, field: str = "model.input_key") -> tuple[int, ...]:
         """Shape of one sample of field ``key`` (a model takes its input shape from the field
         it reads); a field the stream lacks is refused naming ``field``."""
-        tensors = self.train_experiences[0].tensors
-        if key not in tensors:
+        experience = self.train_experiences[0]
+        shape = experience.field_shape(key)
+        if shape is None:
             raise ConfigError(
-                f"{field}: the stream has no field '{key}' (its fields: {sorted(tensors)}); "
-                "name the fields with data.sample_keys"
+                f"{field}: the stream has no field '{key}' (its fields: "
+                f"{experience.fields()}); name the fields with data.sample_keys"
             )
-        return tuple(tensors[key].shape[1:])
+        return shape
 
     # -- Lightning hooks ----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -203,7 +229,7 @@ class ContinualDataModule(LightningDataModule):
         if self.data_on_device and self.materialize:
             device = trainer.strategy.root_device
             for exp in self.train_experiences + self.test_experiences:
-                exp.tensors = {k: v.to(device) for k, v in exp.tensors.items()}
+                exp.tensors = {k: v.to(device) for k, v in exp.tensors.items()}  # type: ignore[attr-defined]
         if stage == "fit":
             schedule.check_trainer(trainer, self, self.validate_each_epoch)
 
@@ -219,35 +245,14 @@ class ContinualDataModule(LightningDataModule):
         # restore (where it still shows the finished epoch) is replaced before any batch.
         epoch = self.trainer.current_epoch
         experience = min(epoch // self.epochs_per_experience, self.num_experiences - 1)
-        if self.materialize:
-            return TensorBatches(
-                self.train_experiences[experience].tensors,
-                self.batch_size,
-                shuffle=True,
-                seed=self.seed,
-                epoch=epoch,
-                rank=self.trainer.global_rank,
-                world_size=self.trainer.world_size,
-                pad_shards=True,
-            )
-        dataset = self.scenario.train_stream[experience].dataset
-        return self._dataloader(dataset, self.batch_size, shuffle=True)
+        return self._loader(
+            self.train_experiences[experience], self.batch_size, shuffle=True, epoch=epoch
+        )
 
     def _eval_dataloaders(self) -> list:
-        if self.materialize:
-            return [
-                TensorBatches(
-                    exp.tensors,
-                    self.eval_batch_size,
-                    rank=self.trainer.global_rank if self.trainer else 0,
-                    world_size=self.trainer.world_size if self.trainer else 1,
-                    pad_shards=False,
-                )
-                for exp in self.test_experiences
-            ]
         return [
-            self._dataloader(e.dataset, self.eval_batch_size, shuffle=False)
-            for e in self.scenario.test_stream
+            self._loader(e, self.eval_batch_size, shuffle=False, epoch=0)
+            for e in self.test_experiences
         ]
 
     def val_dataloader(self) -> list:
@@ -259,22 +264,28 @@ class ContinualDataModule(LightningDataModule):
     def predict_dataloader(self) -> list:
         return self._eval_dataloaders()
 
-    def _dataloader(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        keys = self.sample_keys
-
-        def to_dict(samples: list) -> Batch:
-            fields = [
-                torch.stack([torch.as_tensor(v) for v in f]) for f in zip(*samples, strict=True)
-            ]
-            batch = dict(zip(keys, fields, strict=False))
-            batch.setdefault("task", torch.zeros_like(batch["label"]))
-            return batch
-
+    def _loader(self, experience: ExperienceData, batch_size: int, shuffle: bool, epoch: int):
+        """Batches of one experience for this rank: training shards are padded to equal
+        length (as DDP needs), evaluation shards are disjoint (metrics sum across ranks)."""
+        trainer = self.trainer
+        order = {
+            "shuffle": shuffle,
+            "seed": run_seed(self.seed),
+            "epoch": epoch,
+            "rank": trainer.global_rank if trainer else 0,
+            "world_size": trainer.world_size if trainer else 1,
+            "pad_shards": shuffle,
+        }
+        if isinstance(experience, TensorExperience):
+            return TensorBatches(experience.tensors, batch_size, **order)
         return DataLoader(
-            dataset,
+            experience.dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=EpochSampler(len(experience), **order),
             num_workers=self.num_workers,
-            collate_fn=to_dict,
-            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=experience.collate,
+            # workers seed their transforms from the loader's generator: per epoch, so a
+            # resumed run draws what an uninterrupted one drew
+            generator=torch.Generator().manual_seed(run_seed(self.seed) * 100_003 + epoch),
+            persistent_workers=False,
         )

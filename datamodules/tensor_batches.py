@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.data import DistributedSampler
 
 Batch = dict[str, Tensor]
 
@@ -67,30 +68,21 @@ class TensorBatches:
         self.pad_shards = pad_shards
         self.drop_last = drop_last
 
-    def _shard_size(self) -> int:
-        if self.world_size == 1:
-            return self.num_samples
-        if self.pad_shards:
-            return math.ceil(self.num_samples / self.world_size)
-        return len(range(self.rank, self.num_samples, self.world_size))
-
     def __len__(self) -> int:
-        n = self._shard_size()
+        n = shard_size(self.num_samples, self.rank, self.world_size, self.pad_shards)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def indices(self) -> Tensor:
         """This rank's sample indices for this epoch, in serving order."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(self.num_samples, generator=generator)
-        else:
-            order = torch.arange(self.num_samples)
-        if self.world_size > 1:
-            if self.pad_shards:
-                total = self._shard_size() * self.world_size
-                order = order.repeat(math.ceil(total / max(self.num_samples, 1)))[:total]
-            order = order[self.rank :: self.world_size]
-        return order
+        return epoch_order(
+            self.num_samples,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            pad_shards=self.pad_shards,
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         order = self.indices()
@@ -99,3 +91,80 @@ class TensorBatches:
         for i in range(len(self)):
             index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield {key: value.index_select(0, index) for key, value in self.tensors.items()}
+
+
+def shard_size(num_samples: int, rank: int, world_size: int, pad_shards: bool) -> int:
+    """Samples a rank serves: equal shards (padded by repeats), or disjoint ones."""
+    if world_size == 1:
+        return num_samples
+    if pad_shards:
+        return math.ceil(num_samples / world_size)
+    return len(range(rank, num_samples, world_size))
+
+
+def epoch_order(
+    num_samples: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pad_shards: bool = True,
+) -> Tensor:
+    """A rank's sample indices for an epoch: a permutation seeded by ``(seed, epoch)``
+    (so a resumed run sees the order an uninterrupted one saw), sharded across ranks."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(num_samples, generator=generator)
+    else:
+        order = torch.arange(num_samples)
+    if world_size > 1:
+        if pad_shards:
+            total = shard_size(num_samples, rank, world_size, pad_shards) * world_size
+            order = order.repeat(math.ceil(total / max(num_samples, 1)))[:total]
+        order = order[rank::world_size]
+    return order
+
+
+class EpochSampler(DistributedSampler):
+    """The order of :func:`epoch_order` for a per-sample ``DataLoader`` (``materialize:
+    false``), so both data paths serve the same batches and resume alike.
+
+    It subclasses ``DistributedSampler`` only so that Lightning keeps it as it is: Lightning
+    replaces any other sampler with its own distributed one under DDP, whose padding and
+    seeding differ. Lightning's ``set_epoch`` calls are ignored: the epoch is fixed when
+    the loader is built, each epoch (``reload_dataloaders_every_n_epochs=1``).
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pad_shards: bool = True,
+    ) -> None:
+        # The base class only needs a sized dataset; no process group is read.
+        super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=False)
+        self.order = epoch_order(
+            num_samples,
+            shuffle=shuffle,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            pad_shards=pad_shards,
+        )
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order.tolist())
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
