@@ -120,6 +120,7 @@ class ContinualClassifier(ContinualModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of a model made for another stream is refused naming the field,
         before its weights meet this model's shapes."""
+        super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("input_shape", "num_classes", "num_tasks"):
             theirs, ours = saved.get(key), self.hparams.get(key)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.protocols import Batch, BatchTransform, LossTerm
+from mneme.app.run_definition import KEY, check_same_run, run_definition
 from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.schedule import current_experience, is_experience_start
@@ -102,6 +103,24 @@ class ContinualModule(LightningModule):
         if self.reset_optimizer and is_experience_start(self.trainer) and k > 0:
             for optimizer in self.trainer.optimizers:
                 optimizer.state.clear()  # Lightning keeps one optimizer for the whole fit
+
+    # -- what defines the run ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.trainer.datamodule is not None:
+            checkpoint[KEY] = run_definition(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume that changes what defines the run is refused (see
+        :mod:`mneme.app.run_definition`); evaluating a checkpoint needs only the same stream."""
+        saved = checkpoint.get(KEY)
+        trainer = self._trainer
+        if saved is None or trainer is None or trainer.datamodule is None:
+            return  # written before runs were defined (mneme 0.1.0), or no stream to compare
+        current = run_definition(trainer)
+        allowed = set(getattr(trainer.datamodule, "allow_resume_changes", ()))
+        if trainer.state.fn != "fit":
+            allowed |= {"strategies", "epochs_per_experience"}
+        check_same_run(saved, current, allowed)
 
     def total_loss(self, terms: dict[str, Tensor], batch: Batch, outputs: dict) -> Tensor:
         """Sum the module's own loss ``terms`` and the registered ``loss_terms``; log them."""

@@ -34,6 +34,8 @@ class EmbeddingProjector(ExperienceCallback):
               init_args: {samples_per_experience: 100}
     """
 
+    affects_training = False  # a dashboard: adding or dropping it keeps the run the same
+
     def __init__(
         self,
         samples_per_experience: int = 100,

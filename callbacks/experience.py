@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from mneme.datamodules.schedule import current_experience, is_experience_end, is_experience_start
@@ -22,6 +22,10 @@ class ExperienceCallback(Callback):
             def on_experience_end(self, trainer, pl_module, experience):
                 print(f"finished experience {experience}")
     """
+
+    # Whether the callback changes training (a strategy): part of what defines a run, so a
+    # resume without it, or with it added, is refused. Dashboards set it to False.
+    affects_training: ClassVar[bool] = True
 
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         """Called before the first training epoch of ``experience``."""

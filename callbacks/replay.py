@@ -15,8 +15,9 @@ from mneme.datamodules.seeding import run_seed
 from torch import Tensor
 
 Batch = dict[str, Tensor]
-# 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is).
-STATE_VERSION = 1
+# 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is);
+# 2: one buffer per rank (``ranks``), gathered when the checkpoint is written.
+STATE_VERSION = 2
 _MASK64 = (1 << 64) - 1
 
 
@@ -235,14 +236,27 @@ class Replay(ExperienceCallback):
         return self._generate_state_key(policy=self.policy, buffer_size=self.buffer_size)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
+        """Every rank's buffer (each rank keeps a buffer of its own shard): gathered here,
+        since Lightning asks every rank for its state and rank 0 writes the file."""
+        own = {
             "buffer": {key: value.cpu() for key, value in self.buffer.items()},
             "weights": self.weights.cpu(),
+        }
+        return {
+            "version": STATE_VERSION,
+            "ranks": self._gather(own),
             "experiences": list(self.experiences),
             "policy": self.policy,
             "buffer_size": self.buffer_size,
         }
+
+    def _gather(self, own: dict[str, Any]) -> list[dict[str, Any]]:
+        rank, world_size = _rank(self._trainer)
+        if world_size == 1:
+            return [own]
+        gathered: list[Any] = [None] * world_size
+        torch.distributed.all_gather_object(gathered, own)
+        return gathered
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["policy"] != self.policy or state_dict["buffer_size"] != self.buffer_size:
@@ -250,6 +264,17 @@ class Replay(ExperienceCallback):
                 f"Replay: the checkpoint's buffer is {state_dict['policy']} of size "
                 f"{state_dict['buffer_size']}, this callback {self.policy} of {self.buffer_size}"
             )
-        self.buffer = dict(state_dict["buffer"])
-        self.weights = state_dict["weights"]
+        own = state_dict  # version 1 (mneme 0.1.0): one buffer, the one rank 0 held
+        if "ranks" in state_dict:
+            rank, world_size = _rank(self._trainer)
+            ranks = state_dict["ranks"]
+            if len(ranks) != world_size:
+                raise ConfigError(
+                    f"Replay: the checkpoint holds the buffers of {len(ranks)} processes "
+                    f"(each keeps its own shard's), this run has {world_size}; resume with "
+                    f"--trainer.devices {len(ranks)} (and as many nodes)"
+                )
+            own = ranks[rank]
+        self.buffer = dict(own["buffer"])
+        self.weights = own["weights"]
         self.experiences = list(state_dict["experiences"])

@@ -85,6 +85,9 @@ class ContinualDataModule(LightningDataModule):
             may name besides Avalanche's and Mneme's (a config runs nothing else).
         max_classes: the largest label a stream may have, plus one (heads have one output
             per class index: a stray label of 10**9 would ask for a 24 GB head).
+        allow_resume_changes: what a resume may change from the checkpoint's run
+            (``benchmark``, ``benchmark_args``, ``class_order``, ``epochs_per_experience``,
+            ``sample_keys``, ``strategies``); anything else that differs is refused.
 
     Example (YAML)::
 
@@ -109,6 +112,7 @@ class ContinualDataModule(LightningDataModule):
         seed: int | None = None,
         trusted_benchmarks: Sequence[str] = (),
         max_classes: int = 100_000,
+        allow_resume_changes: Sequence[str] = (),
     ) -> None:
         super().__init__()
         for name, value in (
@@ -134,6 +138,7 @@ class ContinualDataModule(LightningDataModule):
         self.validate_each_epoch = validate_each_epoch
         self.seed = seed
         self.max_classes = max_classes
+        self.allow_resume_changes = list(allow_resume_changes)
         self._scenario = None
         self._train: list[ExperienceData] = []
         self._test: list[ExperienceData] = []
@@ -217,6 +222,17 @@ class ContinualDataModule(LightningDataModule):
                 f"{experience.fields()}); name the fields with data.sample_keys"
             )
         return shape
+
+    def run_definition(self) -> dict[str, Any]:
+        """What of the stream defines a run (stored in checkpoints; a resume that changes
+        it is refused unless ``allow_resume_changes`` names the field)."""
+        return {
+            "benchmark": self.benchmark,
+            "benchmark_args": dict(self.benchmark_args),
+            "class_order": [e.classes for e in self.train_experiences],
+            "epochs_per_experience": self.epochs_per_experience,
+            "sample_keys": list(self.sample_keys),
+        }
 
     # -- Lightning hooks ----------------------------------------------------------------
     def prepare_data(self) -> None:
