@@ -485,3 +485,17 @@ def test_ddp_fisher_identical_across_ranks(tmp_path):
     i0, i1 = r0["replay"]["buffer"]["image"], r1["replay"]["buffer"]["image"]
     assert len(i0) == len(i1) == 50
     assert not (i0.flatten(1)[:, None] == i1.flatten(1)[None]).all(-1).any()
+
+
+def test_replay_checkpoints_each_ranks_buffer_and_refuses_another_world_size():
+    replay = Replay(buffer_size=10)
+    replay.update(stream_data(40, [0, 1], 0), 0)
+    state = replay.state_dict()
+    assert len(state["ranks"]) == 1  # one process: its own buffer
+    two_ranks = {**state, "ranks": [state["ranks"][0], state["ranks"][0]]}
+    with pytest.raises(ConfigError, match="--trainer.devices 2"):
+        Replay(buffer_size=10).load_state_dict(two_ranks)
+    legacy = {k: v for k, v in state.items() if k != "ranks"} | state["ranks"][0]
+    restored = Replay(buffer_size=10)
+    restored.load_state_dict(legacy)  # mneme 0.1.0's layout: one buffer
+    assert torch.equal(restored.buffer["label"], replay.buffer["label"])
