@@ -300,12 +300,13 @@ class ContrastiveAligner(ContinualModule):
             metric = self.recall[self.pair_name(pair)]
             if not metric.update_called:
                 continue
-            forward, backward = metric.compute()
-            for k, f, b in zip(metric.ks, forward.tolist(), backward.tolist(), strict=True):
+            # torchmetrics squeezes one-element results to scalars (one k, one experience)
+            forward, backward = (torch.atleast_1d(t).tolist() for t in metric.compute())
+            for k, f, b in zip(metric.ks, forward, backward, strict=True):
                 values[f"{stage}/recall@{k}_{pair[0]}_to_{pair[1]}"] = f
                 values[f"{stage}/recall@{k}_{pair[1]}_to_{pair[0]}"] = b
         for query, metric in self.other_zero_shot.items():
-            accuracy = metric.compute().tolist()
+            accuracy = torch.atleast_1d(metric.compute()).tolist()
             values.update({f"{stage}/zero_shot_{query}_exp{j}": a for j, a in enumerate(accuracy)})
         values = {k: v for k, v in values.items() if not math.isnan(v)}
         if values:
