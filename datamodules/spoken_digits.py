@@ -28,7 +28,7 @@ from mneme.datamodules.captions import (
     tokenize,
 )
 from mneme.datamodules.errors import ConfigError
-from mneme.datamodules.streams import _split_benchmark, load_digits_tensors
+from mneme.datamodules.streams import _split_benchmark, load_digits_tensors, read_npz
 
 SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
 SPLITS = ("class", "accent")
@@ -40,28 +40,39 @@ SAMPLE_RATE = 8000  # Hz, what spoken_digits.npz holds and the log-mel front end
 def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
     """``audio`` (N, T) int16, ``labels`` (N,), ``accent`` (N,) str from the ``.npz``."""
     path = Path(path)
-    if not path.is_file():
+    field = "data.benchmark_args.path"
+    hint = "spoken_digits.npz (e.g. ../shared/data/spoken_digits.npz)"
+    names = ("audio", "labels", "voice", "voice_names")
+    arrays = read_npz(path, names, hint, optional=("sample_rate",))
+    rate = int(arrays["sample_rate"]) if "sample_rate" in arrays else SAMPLE_RATE
+    if rate != SAMPLE_RATE:
         raise ConfigError(
-            f"data.benchmark_args.path: no file at '{path}'; point it at spoken_digits.npz "
-            "(e.g. ../shared/data/spoken_digits.npz)"
+            f"{field}: '{path}' holds audio at {rate} Hz; the stream and "
+            f"its log-mel front end expect {SAMPLE_RATE} Hz: resample it first"
         )
-    with np.load(path) as arrays:
-        missing = {"audio", "labels", "voice", "voice_names"} - set(arrays.files)
-        if missing:
-            raise ConfigError(f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}")
-        rate = int(arrays["sample_rate"]) if "sample_rate" in arrays.files else SAMPLE_RATE
-        if rate != SAMPLE_RATE:
-            raise ConfigError(
-                f"data.benchmark_args.path: '{path}' holds audio at {rate} Hz; the stream and "
-                f"its log-mel front end expect {SAMPLE_RATE} Hz: resample it first"
-            )
-        names = arrays["voice_names"]
-        accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
-        return {
-            "audio": arrays["audio"],
-            "labels": arrays["labels"].astype(np.int64),
-            "accent": accents[arrays["voice"]],
-        }
+    audio, labels, voice, names = (arrays[k] for k in ("audio", "labels", "voice", "voice_names"))
+    # The front end reads integers as int16 PCM (/ 32768) and floats as they are: another
+    # integer type (uint8 PCM is offset by 128, int32 is 65,536 times louder) is misread.
+    if audio.ndim != 2 or not (audio.dtype == np.int16 or audio.dtype.kind == "f"):
+        raise ConfigError(
+            f"{field}: '{path}' audio is {audio.dtype} of shape {audio.shape}; expected int16 "
+            "PCM (or floats in [-1, 1]) of shape (clips, samples)"
+        )
+    integer = all(np.issubdtype(a.dtype, np.integer) for a in (labels, voice))
+    if not integer or len({len(audio), len(labels), len(voice)}) != 1:
+        raise ConfigError(
+            f"{field}: '{path}' needs one integer label and voice per clip; it has "
+            f"{len(audio)} clips, labels {labels.dtype} {labels.shape}, voice {voice.dtype} "
+            f"{voice.shape}"
+        )
+    if len(labels) and (labels.min() < 0 or voice.min() < 0 or voice.max() >= len(names)):
+        raise ConfigError(
+            f"{field}: '{path}' labels must be >= 0 and voice indices in [0, {len(names)}) "
+            f"(one per voice name); found labels from {labels.min()}, voice in "
+            f"[{voice.min()}, {voice.max()}]"
+        )
+    accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
+    return {"audio": audio, "labels": labels.astype(np.int64), "accent": accents[voice]}
 
 
 def _paired_images(labels: np.ndarray, images: torch.Tensor, image_labels, seed: int):

@@ -8,6 +8,7 @@ transforms), so these streams need no download and no file beyond the one named.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -111,25 +112,92 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     )
 
 
+# The most an .npz array may declare (header shape x item size) before it is read: numpy
+# allocates the declared size up front, and a compressed member inflates (a zip bomb).
+MAX_ARRAY_BYTES = 4 * 2**30
+
+
+def read_npz(
+    path: str | Path, names: Sequence[str], hint: str, optional: Sequence[str] = ()
+) -> dict[str, np.ndarray]:
+    """The arrays ``names`` (and those of ``optional`` it has) of the ``.npz`` at ``path``,
+    read safely: never unpickled (an object array would run code), each array's declared
+    size checked before it is read, and a file that is missing, not an ``.npz``, or corrupt
+    refused naming ``data.benchmark_args.path`` (``hint`` says what the file should be)."""
+    field = "data.benchmark_args.path"
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field}: no file at '{path}'; point it at {hint}")
+    try:
+        # mmap_mode: a plain .npy comes back mapped, not read, so that it can be refused
+        # without allocating what its header declares.
+        arrays = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(arrays, np.lib.npyio.NpzFile):
+            raise ConfigError(
+                f"{field}: '{path}' is a single array, not an .npz; point it at {hint}"
+            )
+        with arrays:
+            missing = set(names) - set(arrays.files)
+            if missing:
+                raise ConfigError(
+                    f"{field}: '{path}' lacks arrays {sorted(missing)}; it has "
+                    f"{sorted(arrays.files)}; point it at {hint}"
+                )
+            names = [*names, *(name for name in optional if name in arrays.files)]
+            for name in names:
+                member_name = f"{name}.npy" if f"{name}.npy" in arrays.zip.namelist() else name
+                with arrays.zip.open(member_name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0  # 2.0 and 3.0 alike
+                    )
+                    shape, _, dtype = read_header(member)
+                size = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if dtype.hasobject or size > MAX_ARRAY_BYTES:
+                    what = "Python objects (pickles)" if dtype.hasobject else f"{size:,} bytes"
+                    raise ConfigError(
+                        f"{field}: '{path}' array '{name}' {shape} holds {what}; Mneme reads "
+                        f"numeric arrays of at most {MAX_ARRAY_BYTES:,} bytes"
+                    )
+            return {name: arrays[name] for name in names}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(
+            f"{field}: '{path}' is not a readable .npz ({err}); point it at {hint}"
+        ) from None
+
+
+def images_in_unit_range(images: np.ndarray, path: Path) -> np.ndarray:
+    """``images`` as float32 in ``[0, 1]``, by their dtype: uint8 is divided by 255, floats
+    already in ``[0, 1]`` are kept. Anything else is refused, not guessed: a wider integer
+    type does not say its scale (a uint16 image may span 0..65535 or hold 8-bit values, a
+    dark 16-bit scan looks like the latter), nor does a float outside ``[0, 1]``; dividing
+    it by 255 anyway trains on a wrong scale without a word (accuracy 0.096, not 0.833)."""
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 255.0
+    finite = np.issubdtype(images.dtype, np.floating) and bool(np.isfinite(images).all())
+    low, high = (images.min().item(), images.max().item()) if images.size else (0, 0)
+    if finite and 0.0 <= low and high <= 1.0:
+        return images.astype(np.float32)
+    raise ConfigError(
+        f"data.benchmark_args.path: '{path}' holds {images.dtype} images in [{low}, {high}]; "
+        "Mneme reads uint8 (0..255) or floats in [0, 1]: save images.astype(np.uint8) for "
+        "8-bit values, or floats scaled to [0, 1]"
+    )
+
+
 def load_mnist_npz(path: str | Path):
     """``(train, test)`` datasets from an ``.npz`` with ``images`` (N, 28, 28) and ``labels``.
 
     The first 8,000 rows train, the rest test (the convention of ``mnist10k.npz``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"data.benchmark_args.path: no file at '{path}'; point it at an .npz with "
-            "'images' and 'labels' arrays (e.g. ../shared/data/mnist10k.npz)"
-        )
-    with np.load(path) as arrays:
-        missing = {"images", "labels"} - set(arrays.files)
-        if missing:
-            raise ConfigError(
-                f"data.benchmark_args.path: '{path}' lacks arrays {sorted(missing)}; "
-                f"it has {sorted(arrays.files)}; save with np.savez(path, images=..., labels=...)"
-            )
-        images, labels = arrays["images"], arrays["labels"]
+    hint = "an .npz with 'images' and 'labels' arrays (e.g. ../shared/data/mnist10k.npz)"
+    arrays = read_npz(path, ("images", "labels"), hint)
+    images, labels = arrays["images"], arrays["labels"]
     if images.ndim != 3 or len(images) != len(labels) or len(images) <= MNIST_TRAIN_ROWS:
         raise ConfigError(
             f"data.benchmark_args.path: '{path}' has images of shape {images.shape} and "
@@ -141,7 +209,7 @@ def load_mnist_npz(path: str | Path):
             f"data.benchmark_args.path: '{path}' labels must be integer class indices >= 0, "
             f"got dtype {labels.dtype} with minimum {labels.min()}"
         )
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+    x = torch.from_numpy(images_in_unit_range(images, path)).unsqueeze(1)
     x = (x - MNIST_MEAN) / MNIST_STD
     y = torch.from_numpy(labels.astype(np.int64))
     n = MNIST_TRAIN_ROWS
