@@ -19,7 +19,9 @@ from mneme.datamodules.experiences import (
     ExperienceData,
     SampleCollate,
     TensorExperience,
+    check_label_field,
     fixed_generator,
+    stream_targets,
 )
 from mneme.datamodules.seeding import preserved_rng, run_seed
 from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches
@@ -42,6 +44,7 @@ def materialize(dataset, sample_keys: Sequence[str]) -> TensorExperience:
     if not parts:
         raise ConfigError("data.benchmark: an experience has no samples")
     tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
+    check_label_field(tensors, stream_targets(dataset), sample_keys)
     check_labels(tensors["label"])
     return TensorExperience(tensors)
 

@@ -131,9 +131,37 @@ class SampleCollate:
             key: torch.stack([torch.as_tensor(v) for v in column])
             for key, column in zip(self.sample_keys, columns, strict=False)
         }
-        batch["label"] = batch["label"].long()
+        if not batch["label"].is_floating_point():  # a float "label" is refused, not cut
+            batch["label"] = batch["label"].long()
         batch["task"] = batch.get("task", torch.zeros_like(batch["label"])).long()
         return batch
+
+
+def check_label_field(batch: Batch, targets: Tensor | None, sample_keys: Sequence[str]) -> None:
+    """Refuse ``sample_keys`` that name the wrong position ``label``: the field must hold one
+    class index per sample and, where the stream knows its targets (Avalanche's datasets
+    do), be them."""
+    label = batch["label"]
+    position = list(sample_keys).index("label")
+    if label.ndim != 1 or label.is_floating_point() or label.is_complex():
+        raise ConfigError(
+            f"data.sample_keys: position {position} ('label') holds {tuple(label.shape[1:])} "
+            f"{label.dtype} values per sample, not a class index; name the fields in the "
+            f"stream's order (got {list(sample_keys)})"
+        )
+    if targets is not None and not torch.equal(label.cpu(), targets[: len(label)]):
+        raise ConfigError(
+            f"data.sample_keys: position {position} ('label') is not the stream's class label "
+            f"(e.g. {label[:5].tolist()} where the stream says {targets[:5].tolist()}); "
+            f"Avalanche's generators keep the class second: name the fields in the "
+            f"stream's order (got {list(sample_keys)})"
+        )
+
+
+def stream_targets(dataset: Any) -> Tensor | None:
+    """The class labels an Avalanche dataset knows without reading a sample, or ``None``."""
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else torch.as_tensor(list(targets), dtype=torch.long)
 
 
 class DatasetExperience(ExperienceData):
@@ -171,15 +199,20 @@ class DatasetExperience(ExperienceData):
             self._labels, self._task_labels = self._metadata()
         return self._task_labels
 
+    def first_sample(self) -> Batch:
+        first = super().first_sample()
+        if first:
+            check_label_field(first, stream_targets(self.dataset), self.collate.sample_keys)
+        return first
+
     def _metadata(self) -> tuple[Tensor, Tensor]:
-        targets = getattr(self.dataset, "targets", None)
-        if targets is None:  # not an Avalanche classification dataset: read the labels once
+        labels = stream_targets(self.dataset)
+        if labels is None:  # not an Avalanche classification dataset: read the labels once
             labels, tasks = [], []
             for batch in self.batches(1024):
                 labels.append(batch["label"])
                 tasks.append(batch["task"])
             return torch.cat(labels), torch.cat(tasks)
-        labels = torch.as_tensor(list(targets), dtype=torch.long)
         task_labels = getattr(self.dataset, "targets_task_labels", None)
         tasks = (
             torch.zeros_like(labels)

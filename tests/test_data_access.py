@@ -134,3 +134,16 @@ def test_experience_metadata_needs_no_sample(materialize):
     assert [len(b["label"]) for b in experience.batches(4)] == [4] * (len(experience) // 4) + (
         [len(experience) % 4] if len(experience) % 4 else []
     )
+
+
+@pytest.mark.parametrize("materialize", [True, False])
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [(["label", "image", "task"], "not a class index"), (["image", "task", "label"], "not the")],
+)
+def test_sample_keys_in_the_wrong_order_are_refused(materialize, keys, reason):
+    from mneme.datamodules import ConfigError
+
+    datamodule = ContinualDataModule(**digits_stream(5), sample_keys=keys, materialize=materialize)
+    with pytest.raises(ConfigError, match=f"data.sample_keys: position .*{reason}"):
+        datamodule.field_shape("image")
