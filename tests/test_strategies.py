@@ -499,3 +499,11 @@ def test_replay_checkpoints_each_ranks_buffer_and_refuses_another_world_size():
     restored = Replay(buffer_size=10)
     restored.load_state_dict(legacy)  # mneme 0.1.0's layout: one buffer
     assert torch.equal(restored.buffer["label"], replay.buffer["label"])
+
+
+def test_replay_appends_as_many_samples_as_the_batch_holds_by_default():
+    replay = Replay(buffer_size=50)
+    replay.update(stream_data(60, [0, 1], 0), 0)
+    batch = {k: v[:3] for k, v in stream_data(10, [2], 1).items()}
+    # a batch_size larger than the experience gives a small batch: the replay share follows
+    assert len(replay.replay(batch)["label"]) == 6
