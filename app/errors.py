@@ -4,11 +4,19 @@ jsonargparse reports a bad key of a subclass-typed argument as a nested, multi-l
 explanation (every type it tried, the value's Python type, ...). Users need the key, the
 reason, and a likely correction; nothing in jsonargparse or Lightning condenses that, so it
 is done here. Set ``MNEME_DEBUG=1`` for the full traceback instead.
+
+Structure first, text only where there is none: jsonargparse 4.53 raises
+``argparse.ArgumentError(None, message)`` for every parse problem (no ``argument_name``,
+no key, no value: the chained causes are ``TypeError``/``ValueError``/``NSKeyError`` that
+carry text only), so the key, the class path and the reasons below are read from its
+English message. The option names a misspelling is compared with come from the parser's
+public ``get_defaults()`` (see ``mneme.app.cli.known_keys``).
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import re
 
 NOISE = (
@@ -97,11 +105,42 @@ def summarize_library_error(error: BaseException) -> str | None:
             f"ckpt_path: the checkpoint does not fit this model ({detail}); "
             "use the config the checkpoint was trained with"
         )
+    if download := _download_failure(error):
+        return _clip(
+            f"data.benchmark_args.dataset_root: the benchmark downloads its data, which failed "
+            f"({download}); download it where there is internet into a folder and pass it as "
+            "data.benchmark_args.dataset_root, or use an offline stream (see "
+            "configs/quickstart.yaml)"
+        )
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return _clip(
+            f"no space left on the device of '{error.filename or 'the log folder'}'; free space "
+            "there or point trainer.logger.init_args.save_dir (and checkpoint.dirpath) at "
+            "another disk"
+        )
     if isinstance(error, OSError) and error.filename and error.strerror:
         return _clip(
             f"cannot write or read '{error.filename}': {error.strerror}; check the paths in "
             "the config (trainer.logger.init_args.save_dir, trainer.default_root_dir, data files)"
         )
+    return None
+
+
+def _download_failure(error: BaseException) -> str | None:
+    """The innermost reason of a failed dataset download (torchvision, Avalanche), found by
+    type in the exception chain (``URLError``, socket errors) or, where torchvision keeps
+    only text (``RuntimeError("Error downloading ...")``), by its message."""
+    import urllib.error
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, (urllib.error.URLError, ConnectionError, TimeoutError)):
+            return _clip(str(getattr(seen, "reason", seen)))[:160]
+        text = str(seen)
+        if text.startswith("Error downloading"):
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            return _clip(f"{lines[0]} {lines[-1]}")[:200]
+        seen = seen.__cause__ or seen.__context__
     return None
 
 

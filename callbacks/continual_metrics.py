@@ -53,6 +53,10 @@ class ContinualMetrics(Callback):
     matrix and the table as text, and writes ``<log_dir>/continual_metrics.json``; at the end
     of ``fit`` and ``test`` it prints the table. ``test`` writes ``<log_dir>/test_metrics.json``.
 
+    The JSON says whether the run is ``complete`` (every experience trained) with
+    ``experiences_done`` of ``num_experiences``: a prefix (``trainer.max_epochs``), an early
+    stop, or an interrupted run (SIGTERM, Ctrl-C, an error: ``"stopped_by"``) is not.
+
     A ``fit`` logs its run configuration once, at its end, as hyperparameters (TensorBoard's
     HParams tab): the model's class and arguments, the optimizer's class and arguments, each
     callback's class and arguments, the stream's arguments and the seed; its metrics are the
@@ -135,6 +139,38 @@ class ContinualMetrics(Callback):
                 logger.log_metrics(final, step=step)
         if self.print_table:
             _print(format_summary(summary))
+        total = trainer.datamodule.num_experiences if trainer.datamodule else len(self.rows)
+        if len(self.rows) < total:
+            _print(
+                f"Incomplete: trained {len(self.rows)} of {total} experiences "
+                f"(trainer.max_epochs={trainer.max_epochs}, or the run was stopped early)"
+            )
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Mark the fit's JSON incomplete, saying what stopped it (Lightning calls this on
+        every rank that raised, so no collective is used here)."""
+        if trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
+            return
+        stopped_by = type(exception).__name__
+        if trainer.received_sigterm:
+            stopped_by = "SIGTERM"
+        elif isinstance(exception, (KeyboardInterrupt, SystemExit)):
+            stopped_by = "SIGINT"
+        payload = self.summary() if self.rows else {"accuracy_matrix": []}
+        log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
+        _write_json(trainer, "continual_metrics.json", {
+            **self._progress(trainer), "stopped_by": stopped_by, **payload,
+        }, log_dir=log_dir or trainer.default_root_dir)  # fmt: skip
+
+    def _progress(self, trainer: Trainer) -> dict[str, Any]:
+        total = trainer.datamodule.num_experiences if trainer.datamodule else len(self.rows)
+        return {
+            "complete": len(self.rows) == total,
+            "experiences_done": len(self.rows),
+            "num_experiences": total,
+        }
 
     # -- output ---------------------------------------------------------------------------
     def _log_experience(self, trainer: Trainer, k: int) -> None:
@@ -147,7 +183,7 @@ class ContinualMetrics(Callback):
             if isinstance(logger, TensorBoardLogger):
                 _add_heatmap(logger, self.rows, k)
                 _add_table(logger, format_summary(summary), k)
-        _write_json(trainer, "continual_metrics.json", summary)
+        _write_json(trainer, "continual_metrics.json", {**self._progress(trainer), **summary})
 
     def _report(self, trainer: Trainer, stage: str, accuracy: list[float]) -> None:
         seen = [a for a in accuracy if not math.isnan(a)]
@@ -163,7 +199,8 @@ class ContinualMetrics(Callback):
 
 def _compute_and_reset(pl_module: LightningModule) -> list[float]:
     metric = pl_module.experience_accuracy
-    values = metric.compute().tolist()
+    # torchmetrics squeezes a one-element result to a scalar: a stream of one experience
+    values = torch.atleast_1d(metric.compute()).tolist()
     metric.reset()
     return values
 
@@ -353,8 +390,12 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _write_json(trainer: Trainer, name: str, payload: dict[str, Any]) -> None:
-    log_dir = trainer.log_dir  # on every rank: under DDP this is a collective broadcast
+def _write_json(
+    trainer: Trainer, name: str, payload: dict[str, Any], log_dir: str | None = None
+) -> None:
+    """Write ``payload`` as ``<log_dir>/name`` on rank 0; without ``log_dir``, the trainer's
+    (on every rank: under DDP, ``trainer.log_dir`` is a collective broadcast)."""
+    log_dir = log_dir or trainer.log_dir
     if log_dir is not None and trainer.is_global_zero:
         path = Path(log_dir) / name
         path.parent.mkdir(parents=True, exist_ok=True)

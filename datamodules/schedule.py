@@ -56,6 +56,67 @@ def stream_epochs(stream: Stream) -> int:
     return stream.num_experiences * stream.epochs_per_experience
 
 
+# Trainer arguments that stop, cut or re-time an epoch, so that the stream's experiences or
+# its accuracy rows would no longer fall at epoch ends: each holds only at its Lightning
+# default (or one of the values listed), and any other value is refused. Value: (accepted
+# values, why another breaks the schedule, what to do instead).
+FIXED_SETTINGS: dict[str, tuple[tuple[Any, ...], str, str]] = {
+    "fast_dev_run": ((False, 0), "runs a few batches, not the stream", "leave it unset"),
+    "overfit_batches": (
+        (0, 0.0),
+        "validates on training batches, so the accuracy matrix is not one",
+        "leave it unset",
+    ),
+    "max_steps": (
+        (-1, None),
+        "stops at a step count, inside an experience",
+        "leave it unset; train a prefix with max_epochs",
+    ),
+    "min_steps": ((None,), "can train past the stream's last epoch", "leave it unset"),
+    "max_time": (
+        (None,),
+        "stops at a time, inside an experience",
+        "leave it unset (a SIGTERM from a scheduler ends the run resumably)",
+    ),
+    "limit_train_batches": (
+        (None, 1.0, "__positive__"),
+        "trains no batch",
+        "leave it unset, or a positive number or fraction",
+    ),
+    "limit_val_batches": (
+        (None, 1.0, "__positive__"),
+        "validates nothing, so no accuracy row is measured",
+        "leave it unset",
+    ),
+    "val_check_interval": (
+        (None, 1.0),
+        "validates inside an epoch, so accuracy rows are taken mid-experience",
+        "leave it unset; data.validate_each_epoch validates at every epoch end",
+    ),
+    "accumulate_grad_batches": (
+        ("__positive_int__",),
+        "must be a whole number of batches, at least 1",
+        "leave it unset (1)",
+    ),
+}
+
+
+def _accepted(value: Any, accepted: tuple[Any, ...]) -> bool:
+    if "__positive__" in accepted and isinstance(value, (int, float)) and value > 0:
+        return not isinstance(value, bool)
+    if "__positive_int__" in accepted:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return any(value == a and type(value) is not bool or value is a for a in accepted)
+
+
+def check_fixed_settings(user: dict[str, Any]) -> None:
+    """Refuse, in one line, a trainer argument of :data:`FIXED_SETTINGS` the schedule cannot
+    follow (``user``: the arguments set; those absent keep Lightning's defaults)."""
+    for key, (accepted, why, fix) in FIXED_SETTINGS.items():
+        if key in user and not _accepted(user[key], accepted):
+            raise ConfigError(f"trainer.{key}: {user[key]!r} {why}; {fix}")
+
+
 def trainer_settings(
     stream: Stream, validate_each_epoch: bool = False, user: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -63,29 +124,40 @@ def trainer_settings(
     trainer's arguments, Lightning's defaults where not set). A user setting that
     conflicts is refused in one line, never overwritten.
 
-    - ``max_epochs``: the stream's epochs when unset; fewer trains a prefix of the stream.
+    - ``max_epochs``: the stream's epochs when unset; a multiple of ``E`` below it trains a
+      prefix of the stream (reported incomplete), any other value stops inside an
+      experience and is refused.
     - ``reload_dataloaders_every_n_epochs=1``: the train loader serves one experience and is
       built anew each epoch (cheap: batches are index slices).
     - ``check_val_every_n_epoch``: each experience end (``E``), every epoch with
       ``validate_each_epoch``; any divisor of ``E`` the user sets is kept.
     - ``num_sanity_val_steps=-1`` unless set: the full validation pass before training
       gives ``ContinualMetrics`` the untrained baseline row (0 skips it: no FWT).
+    - the arguments of :data:`FIXED_SETTINGS` (``max_steps``, ``val_check_interval``,
+      ``limit_train_batches``, ...) only at values that keep epochs whole.
 
     Example::
 
         trainer = Trainer(**trainer_settings(datamodule), logger=False)
     """
     user = dict(user or {})
+    check_fixed_settings(user)
     total = stream_epochs(stream)
     epochs = stream.epochs_per_experience
     max_epochs = user.get("max_epochs")
     if max_epochs is None:
         max_epochs = total
-    elif not 1 <= max_epochs <= total:
+    elif not 1 <= max_epochs <= total or max_epochs % epochs:
         raise ConfigError(
-            f"trainer.max_epochs: {max_epochs} does not fit the stream's {total} epochs "
-            f"({stream.num_experiences} experiences x {epochs}); leave it unset to train the "
-            f"whole stream, or set 1..{total} to train a prefix"
+            f"trainer.max_epochs: {max_epochs} does not end at an experience end of the "
+            f"stream's {total} epochs ({stream.num_experiences} experiences x {epochs}); leave "
+            f"it unset to train the whole stream, or set a multiple of {epochs} up to {total} "
+            "to train a prefix"
+        )
+    min_epochs = user.get("min_epochs")
+    if min_epochs is not None and not 0 <= min_epochs <= max_epochs:
+        raise ConfigError(
+            f"trainer.min_epochs: {min_epochs} lies past max_epochs ({max_epochs}); leave it unset"
         )
     reload = user.get("reload_dataloaders_every_n_epochs", 0)
     if reload not in (0, 1):
@@ -117,11 +189,11 @@ def trainer_settings(
 def check_trainer(trainer: Any, stream: Stream, validate_each_epoch: bool = False) -> None:
     """Refuse, in one line, a trainer whose settings break the schedule (one built in
     Python without :func:`trainer_settings`; the ``mneme`` CLI uses it)."""
-    actual = {
-        "max_epochs": trainer.max_epochs,
-        "reload_dataloaders_every_n_epochs": trainer.reload_dataloaders_every_n_epochs,
-        "check_val_every_n_epoch": trainer.check_val_every_n_epoch,
-    }
+    names = ("max_epochs", "min_epochs", "max_steps", "fast_dev_run", "overfit_batches",
+             "limit_train_batches", "limit_val_batches", "val_check_interval",
+             "accumulate_grad_batches", "reload_dataloaders_every_n_epochs",
+             "check_val_every_n_epoch")  # fmt: skip
+    actual = {name: getattr(trainer, name) for name in names}
     hint = "; build it with Trainer(**datamodule.trainer_settings(), ...)"
     try:
         trainer_settings(stream, validate_each_epoch, actual)

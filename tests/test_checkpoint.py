@@ -1,15 +1,20 @@
 """ExperienceCheckpoint: one file per save point, experience checkpoints kept intact."""
 
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ExperienceCheckpoint
 from mneme.datamodules import ConfigError, ContinualDataModule
 
-from tests.conftest import digits_stream
+from tests.conftest import ROOT, digits_stream
 
 
 def fit(tmp_path, **checkpoint_args) -> ExperienceCheckpoint:
@@ -55,3 +60,58 @@ def test_keep_experiences_bounds_the_files(tmp_path, keep, kept):
 def test_negative_retention_is_refused():
     with pytest.raises(ConfigError, match="checkpoint.keep_experiences"):
         ExperienceCheckpoint(keep_experiences=-1)
+
+
+class KillWhileCopying(Callback):
+    """SIGKILLs its process halfway through the copy of the checkpoint saved at the end of
+    ``epoch``: Lightning stages a checkpoint in TMPDIR and copies it into the checkpoint
+    folder when that is another file system (``shutil.copyfile``)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):  # before the checkpoint callback
+        if trainer.current_epoch != self.epoch:
+            return
+
+        def half_then_die(src, dst, *args, **kwargs):
+            data = Path(src).read_bytes()
+            with open(dst, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        shutil.copyfile = half_then_die
+
+
+@pytest.mark.parametrize(
+    "epochs_per_experience, written", [(2, "last.ckpt"), (1, "experience=2.ckpt")]
+)
+def test_a_kill_while_a_checkpoint_is_copied_from_tmpdir_leaves_a_loadable_last(
+    tmp_path, epochs_per_experience, written
+):
+    """Killed while the epoch-2 checkpoint (``written``) is copied in from a TMPDIR on
+    another file system (tmpfs): ``last.ckpt`` still loads, and holds epoch 1."""
+    tmpdir = Path("/dev/shm") / f"mneme-test-{os.getpid()}-{epochs_per_experience}"
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs a TMPDIR on another file system (/dev/shm)")
+    tmpdir.mkdir()
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+            "--trainer.callbacks", "[]",
+            "--data.epochs_per_experience", str(epochs_per_experience),
+            "--trainer.callbacks+=tests.test_checkpoint.KillWhileCopying",
+            "--trainer.callbacks.init_args.epoch", "2"]  # fmt: skip
+    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    folder = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints"
+    assert (folder / f"{written}.tmp").is_file()  # the cut copy, under its temporary name
+    assert epoch_of(folder / "last.ckpt") == 1
+    assert not (folder / "experience=2.ckpt").exists()
