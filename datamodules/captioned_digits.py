@@ -17,6 +17,7 @@ from mneme.datamodules.captions import (
     NUMBER_WORDS,
     TRAIN_TEMPLATES,
     PairedTensors,
+    check_templates,
     template_captions,
     tokenize,
 )
@@ -62,6 +63,8 @@ def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark facto
           benchmark_args: {n_experiences: 5, context_length: 16}
           sample_keys: [image, label, text, task]
     """
+    check_templates(train_templates, "train_templates")
+    check_templates(eval_templates, "eval_templates")
     train, test = load_mnist_npz(path) if path else load_digits_tensors(seed=0)
     args = (tokenizer, context_length)
     train_labels, test_labels = torch.tensor(train.targets), torch.tensor(test.targets)

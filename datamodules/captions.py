@@ -7,6 +7,7 @@ slices tensors like any other field and replay buffers keep the captions too.
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,14 +45,28 @@ def tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> Tenso
     return tokens[torch.from_numpy(inverse.reshape(-1))]
 
 
+def check_templates(templates: Sequence[str], field: str = "templates") -> None:
+    """Each template holds exactly one ``{}`` and no other replacement field: ``str.format``
+    would fail on ``{x}`` or a lone brace, and would read attributes for ``{0.__class__}``."""
+
+    def fields(template: str) -> list[str | None] | None:
+        try:
+            return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        except ValueError:  # an unmatched brace
+            return None
+
+    if not templates or any(fields(t) != [""] for t in templates):
+        raise ConfigError(
+            f"data.benchmark_args.{field}: each must contain '{{}}' once and no other braces "
+            f"(write '{{{{' for a literal one), got {list(templates)}"
+        )
+
+
 def template_captions(
     labels: Tensor, class_names: Sequence[str], templates: Sequence[str], seed: int
 ) -> list[str]:
     """One caption per sample: a template drawn at random (seeded), filled with its class."""
-    if not templates or any("{}" not in t for t in templates):
-        raise ConfigError(
-            f"data.benchmark_args.templates: each must contain '{{}}', got {templates}"
-        )
+    check_templates(templates)
     rng = np.random.RandomState(seed)
     picks = rng.randint(len(templates), size=len(labels))
     return [

@@ -23,7 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from mneme.datamodules.benchmarks import stream
-from mneme.datamodules.captions import DEFAULT_TOKENIZER, PairedTensors, tokenize
+from mneme.datamodules.captions import (
+    DEFAULT_TOKENIZER,
+    PairedTensors,
+    check_templates,
+    tokenize,
+)
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark
 
@@ -272,6 +277,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     from avalanche.benchmarks.scenarios import benchmark_from_datasets
     from avalanche.benchmarks.utils import AvalancheDataset
 
+    check_templates(prompt_templates, "prompt_templates")
     if channels not in (1, 3):
         raise ConfigError(f"data.benchmark_args.channels: 1 or 3, got {channels}")
     if not 1 <= image_size <= MAX_IMAGE_SIZE:

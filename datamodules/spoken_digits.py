@@ -24,6 +24,7 @@ from mneme.datamodules.captions import (
     NUMBER_WORDS,
     TRAIN_TEMPLATES,
     PairedTensors,
+    check_templates,
     template_captions,
     tokenize,
 )
@@ -119,6 +120,8 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
     from avalanche.benchmarks.utils import AvalancheDataset
     from sklearn.model_selection import train_test_split
 
+    check_templates(train_templates, "train_templates")
+    check_templates(eval_templates, "eval_templates")
     if split not in SPLITS:
         raise ConfigError(f"data.benchmark_args.split: one of {SPLITS}, got '{split}'")
     data = load_spoken_digits(path)

@@ -582,3 +582,24 @@ def test_a_good_spoken_digits_file_reads(tmp_path):
 
     data = load_spoken_digits(spoken_file(tmp_path / "spoken.npz", sample_rate=np.array(8000)))
     assert data["audio"].shape == (20, 800) and list(data["accent"][:2]) == ["en", "en"]
+
+
+# -- caption templates: one slot, nothing else str.format would read --------------------------
+
+
+@pytest.mark.parametrize(
+    "template", ["a photo of {x}", "{} of {0.__class__}", "a photo of {", "no slot", "{} and {}"]
+)
+def test_a_template_with_other_fields_is_refused(template):
+    from mneme.datamodules import CSVCaptions, SplitCaptionedDigits
+
+    with pytest.raises(ConfigError, match="data.benchmark_args.eval_templates: .*'{}' once"):
+        SplitCaptionedDigits(eval_templates=["the digit {}", template])
+    with pytest.raises(ConfigError, match="data.benchmark_args.prompt_templates"):
+        CSVCaptions("x.tsv", prompt_templates=[template])
+
+
+def test_a_template_with_a_literal_brace_is_accepted():
+    from mneme.datamodules.captions import check_templates
+
+    check_templates(["{{a set}} of {}", "{}"])
