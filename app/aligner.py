@@ -39,8 +39,9 @@ class ContrastiveAligner(ContinualModule):
     training ``outputs`` hold ``logits`` (the first pair's similarity logits) and
     ``embeddings`` (per modality). Validation logs ``val/recall@<k>_<a>_to_<b>``.
 
-    Class names and prompt templates come from the stream (``scenario.class_names``,
-    ``scenario.prompt_templates``, set by the built-in captioned streams) unless given.
+    Class names and prompt templates come from the stream's declaration
+    (:class:`mneme.datamodules.declared.DeclaredStream`, as the built-in captioned streams
+    return) unless given; a stream without names needs ``class_names``.
 
     Args:
         encoders: ``{modality: spec}``; the modality is the batch key; see
@@ -176,11 +177,15 @@ class ContrastiveAligner(ContinualModule):
         )
 
     def _prompts_from(self, datamodule) -> tuple[list[str], list[str]]:
-        scenario = getattr(datamodule, "scenario", None)
-        names = self.hparams.class_names or getattr(scenario, "class_names", None)
-        templates = self.hparams.prompt_templates or getattr(scenario, "prompt_templates", None)
-        names = list(names or [str(c) for c in range(self.num_classes)])
-        return names, list(templates or ["{}"])
+        """The config's prompts, else the stream's declared ones (``DeclaredStream``)."""
+        names = self.hparams.class_names or getattr(datamodule, "class_names", None)
+        if not names:
+            raise ConfigError(
+                "model.class_names: the stream declares no class names for zero-shot prompts; "
+                f"list {self.num_classes} of them (one per class index)"
+            )
+        templates = self.hparams.prompt_templates or getattr(datamodule, "prompt_templates", None)
+        return list(names), list(templates or ["{}"])
 
     def set_prompts(self, class_names: Sequence[str], templates: Sequence[str]) -> None:
         """Tokenize ``template.format(name)`` for every class and template (``(C, T, L)``)."""

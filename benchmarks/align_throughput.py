@@ -77,7 +77,6 @@ def run_lightning(args, device: torch.device) -> float:
     data = ContinualDataModule(
         "benchmarks.align_throughput.synthetic_pairs",
         {"n": n, "image_size": image_size, "context_length": context},
-        sample_keys=["image", "label", "text", "task"],
         batch_size=args.batch_size,
         data_on_device=True,
     )

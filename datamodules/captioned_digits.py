@@ -21,6 +21,7 @@ from mneme.datamodules.captions import (
     template_captions,
     tokenize,
 )
+from mneme.datamodules.declared import DeclaredStream
 from mneme.datamodules.streams import _split_benchmark, load_digits_tensors, load_mnist_npz
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
@@ -77,6 +78,9 @@ def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark facto
         fixed_class_order,
         False,
     )
-    scenario.class_names = list(NUMBER_WORDS)
-    scenario.prompt_templates = list(eval_templates)
-    return scenario
+    return DeclaredStream(
+        scenario,
+        fields=SAMPLE_KEYS,
+        class_names=list(NUMBER_WORDS),
+        prompt_templates=list(eval_templates),
+    )

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from mneme.datamodules import schedule
 from mneme.datamodules.benchmarks import resolve_benchmark
+from mneme.datamodules.declared import AVALANCHE_FIELDS, DeclaredStream
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.experiences import (
     DatasetExperience,
@@ -75,8 +76,10 @@ class ContinualDataModule(LightningDataModule):
         epochs_per_experience: training epochs on each experience.
         batch_size: training batch size per process.
         eval_batch_size: validation/test batch size per process.
-        sample_keys: names of the fields of each sample, in order (must include ``label``,
-            second for streams made by Avalanche's generators; ``task`` may be absent, then 0).
+        sample_keys: names of the fields of each sample, in order, for a stream that does
+            not declare them (an Avalanche benchmark; default ``[image, label, task]``):
+            ``label`` second for streams made by Avalanche's generators, ``task`` may be
+            absent, then 0. Mneme's streams declare their fields: leave it unset.
         materialize: hold experiences in memory as tensors and slice batches (fast). Set to
             False to read samples on demand through a DataLoader (a stream larger than
             memory, or random augmentation): nothing is read up front, and strategies read
@@ -107,7 +110,7 @@ class ContinualDataModule(LightningDataModule):
         epochs_per_experience: int = 1,
         batch_size: int = 64,
         eval_batch_size: int = 512,
-        sample_keys: Sequence[str] = ("image", "label", "task"),
+        sample_keys: Sequence[str] | None = None,
         materialize: bool = True,
         data_on_device: bool = False,
         num_workers: int = 0,
@@ -132,9 +135,10 @@ class ContinualDataModule(LightningDataModule):
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
-        if "label" not in sample_keys:
+        if sample_keys is not None and "label" not in sample_keys:
             raise ConfigError(f"data.sample_keys: must include 'label', got {list(sample_keys)}")
-        self.sample_keys = list(sample_keys)
+        self._sample_keys = None if sample_keys is None else list(sample_keys)
+        self._declared: DeclaredStream | None = None
         self.materialize = materialize
         self.data_on_device = data_on_device
         self.num_workers = num_workers
@@ -153,13 +157,15 @@ class ContinualDataModule(LightningDataModule):
         if self._scenario is None:
             try:
                 with preserved_rng():  # Avalanche's generators reseed torch's global RNG
-                    scenario = self.factory(**self.benchmark_args)
+                    built = self.factory(**self.benchmark_args)
             except (ValueError, TypeError, AssertionError, IndexError, KeyError) as err:
                 # Avalanche's own checks (e.g. classes not divisible into experiences)
                 message = (
                     str(err) if str(err).startswith("data.") else f"data.benchmark_args: {err!s}"
                 )
                 raise ConfigError(f"{message} (for {self.benchmark})") from err
+            self._declared = self._declaration(built)
+            scenario = self._declared.scenario
             with preserved_rng():
                 self._train = [self._experience(e) for e in scenario.train_stream]
                 self._test = [self._experience(e) for e in scenario.test_stream]
@@ -171,10 +177,41 @@ class ContinualDataModule(LightningDataModule):
                 )
         return self._scenario
 
+    def _declaration(self, built: Any) -> DeclaredStream:
+        """What the stream says of its samples; ``data.sample_keys`` names the fields of a
+        stream that does not declare them (Avalanche's), and must agree with one that does."""
+        if not isinstance(built, DeclaredStream):
+            return DeclaredStream(built, fields=self._sample_keys or AVALANCHE_FIELDS)
+        if self._sample_keys is not None and self._sample_keys != list(built.fields):
+            raise ConfigError(
+                f"data.sample_keys: {self._sample_keys} contradicts the fields "
+                f"{self.benchmark} declares, {list(built.fields)}; leave sample_keys unset"
+            )
+        return built
+
+    @property
+    def sample_keys(self) -> list[str]:
+        """The names of a sample's fields, in order (declared by the stream, or given)."""
+        self.scenario  # noqa: B018
+        return list(self._declared.fields)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The stream's class names (zero-shot prompts), or ``None`` if it declares none."""
+        self.scenario  # noqa: B018
+        names = self._declared.class_names
+        return None if names is None else list(names)
+
+    @property
+    def prompt_templates(self) -> list[str]:
+        """The stream's prompt templates (``["{}"]`` unless it declares some)."""
+        self.scenario  # noqa: B018
+        return list(self._declared.prompt_templates)
+
     def _experience(self, experience) -> ExperienceData:
         if self.materialize:
-            return materialize(experience.dataset, self.sample_keys)
-        data = DatasetExperience(experience, self.sample_keys, self.num_workers)
+            return materialize(experience.dataset, self._declared.fields)
+        data = DatasetExperience(experience, self._declared.fields, self.num_workers)
         check_labels(torch.tensor(data.classes))
         return data
 

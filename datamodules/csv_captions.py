@@ -29,6 +29,7 @@ from mneme.datamodules.captions import (
     check_templates,
     tokenize,
 )
+from mneme.datamodules.declared import DeclaredStream
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark
 
@@ -322,6 +323,6 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
             train=[AvalancheDataset([torch.utils.data.Subset(train, c)]) for c in chunks[0]],
             test=[AvalancheDataset([torch.utils.data.Subset(test, c)]) for c in chunks[1]],
         )
-    scenario.class_names = names
-    scenario.prompt_templates = list(prompt_templates)
-    return scenario
+    return DeclaredStream(
+        scenario, fields=SAMPLE_KEYS, class_names=names, prompt_templates=list(prompt_templates)
+    )

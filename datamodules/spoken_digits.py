@@ -28,6 +28,7 @@ from mneme.datamodules.captions import (
     template_captions,
     tokenize,
 )
+from mneme.datamodules.declared import DeclaredStream
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.streams import _split_benchmark, load_digits_tensors, read_npz
 
@@ -167,6 +168,9 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
                 streams[stream].append(AvalancheDataset([paired(rows, digits, templates, seed_e)]))
         scenario = benchmark_from_datasets(**streams)
         scenario.accents = accents
-    scenario.class_names = list(NUMBER_WORDS)
-    scenario.prompt_templates = list(eval_templates)
-    return scenario
+    return DeclaredStream(
+        scenario,
+        fields=SAMPLE_KEYS,
+        class_names=list(NUMBER_WORDS),
+        prompt_templates=list(eval_templates),
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mneme.datamodules.benchmarks import stream
+from mneme.datamodules.declared import DeclaredStream
 from mneme.datamodules.errors import ConfigError
 from torch.utils.data import Dataset
 
@@ -101,7 +102,7 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
           benchmark_args: {n_experiences: 5, seed: 0}
     """
     train, test = load_digits_tensors(test_size=test_size, seed=0)
-    return _split_benchmark(
+    scenario = _split_benchmark(
         train,
         test,
         n_experiences,
@@ -110,6 +111,7 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
         fixed_class_order,
         class_ids_from_zero_in_each_exp,
     )
+    return DeclaredStream(scenario)  # [image, label, task], as Avalanche's
 
 
 # The most an .npz array may declare (header shape x item size) before it is read: numpy
@@ -228,7 +230,7 @@ def SplitMNISTFile(  # noqa: N802
 ):
     """Class- (or task-) incremental split MNIST read from a local ``.npz`` file."""
     train, test = load_mnist_npz(path)
-    return _split_benchmark(
+    scenario = _split_benchmark(
         train,
         test,
         n_experiences,
@@ -237,6 +239,7 @@ def SplitMNISTFile(  # noqa: N802
         fixed_class_order,
         class_ids_from_zero_in_each_exp,
     )
+    return DeclaredStream(scenario)  # [image, label, task], as Avalanche's
 
 
 @stream
@@ -260,7 +263,7 @@ def PermutedMNISTFile(  # noqa: N802
         for source, out in ((train, trains), (test, tests)):
             flat = source.inputs.flatten(1)[:, perm].view_as(source.inputs)
             out.append(LabeledTensors(flat, torch.tensor(source.targets)))
-    return nc_benchmark(
+    scenario = nc_benchmark(
         trains,
         tests,
         n_experiences=n_experiences,
@@ -269,3 +272,4 @@ def PermutedMNISTFile(  # noqa: N802
         class_ids_from_zero_in_each_exp=True,
         one_dataset_per_exp=True,
     )
+    return DeclaredStream(scenario)  # [image, label, task], as Avalanche's

@@ -227,7 +227,6 @@ def test_aligner_trains_with_replay_ewc_and_feature_distillation(tmp_path):
     data = ContinualDataModule(
         "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 2},
-        sample_keys=["image", "label", "text", "task"],
         batch_size=128,
     )
     module = ContrastiveAligner(

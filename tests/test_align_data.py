@@ -24,7 +24,6 @@ def test_captioned_digits_pair_each_image_with_a_caption_of_its_class():
     dm = ContinualDataModule(
         "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 5},
-        sample_keys=["image", "label", "text", "task"],
     )
     assert dm.num_experiences == 5 and dm.num_classes == 10
     train, test = dm.train_experiences[0].tensors, dm.test_experiences[0].tensors
@@ -35,8 +34,8 @@ def test_captioned_digits_pair_each_image_with_a_caption_of_its_class():
         caption = decode(train["text"][i])
         assert caption in train_texts and NUMBER_WORDS[train["label"][i]] in caption.split()
     assert all(decode(t) in eval_texts for t in test["text"][:20])  # held-out templates
-    assert dm.scenario.class_names == list(NUMBER_WORDS)
-    assert dm.scenario.prompt_templates == list(EVAL_TEMPLATES)
+    assert dm.class_names == list(NUMBER_WORDS)
+    assert dm.prompt_templates == list(EVAL_TEMPLATES)
 
 
 @needs_spoken
@@ -45,7 +44,6 @@ def test_spoken_digits_three_modalities(split):
     dm = ContinualDataModule(
         "mneme.datamodules.SpokenDigits",
         {"path": str(SPOKEN), "split": split},
-        sample_keys=["audio", "label", "image", "text", "task"],
     )
     exp = dm.train_experiences[0].tensors
     assert exp["audio"].dtype == torch.int16 and exp["audio"].shape[1:] == (8000,)
@@ -88,10 +86,8 @@ def test_csv_manifest_with_labels_is_class_incremental(tmp_path):
     path = write_csv(tmp_path)
     args = {"train_csv": str(path), "label_key": "label", "n_experiences": 3,
             "image_size": 16, "test_size": 0.25, "context_length": 16}  # fmt: skip
-    dm = ContinualDataModule(
-        "mneme.datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
-    )
-    assert dm.num_experiences == 3 and dm.scenario.class_names == ["cat", "dog", "owl"]
+    dm = ContinualDataModule("mneme.datamodules.CSVCaptions", args)
+    assert dm.num_experiences == 3 and dm.class_names == ["cat", "dog", "owl"]
     exp = dm.train_experiences[0].tensors
     assert (
         exp["image"].shape[1:] == (3, 16, 16) and 0 <= exp["image"].min() <= exp["image"].max() <= 1
@@ -102,9 +98,7 @@ def test_csv_manifest_with_labels_is_class_incremental(tmp_path):
 def test_csv_manifest_without_labels_uses_caption_index(tmp_path):
     path = write_csv(tmp_path, label=False)
     args = {"train_csv": str(path), "n_experiences": 2, "image_size": 8}
-    dm = ContinualDataModule(
-        "mneme.datamodules.CSVCaptions", args, sample_keys=["image", "label", "text", "task"]
-    )
+    dm = ContinualDataModule("mneme.datamodules.CSVCaptions", args)
     labels = torch.cat([e.tensors["label"] for e in dm.train_experiences + dm.test_experiences])
     assert sorted(labels.tolist()) == list(range(12))  # each caption its own class
     assert dm.num_experiences == 2
@@ -137,7 +131,6 @@ def test_captions_and_prompts_follow_the_label_whatever_the_class_order(order):
     dm = ContinualDataModule(
         "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 5, **order},
-        sample_keys=["image", "label", "text", "task"],
     )
     fixed = order.get("fixed_class_order")
     for k, exp in enumerate(dm.train_experiences + dm.test_experiences):
@@ -149,7 +142,7 @@ def test_captions_and_prompts_follow_the_label_whatever_the_class_order(order):
     from mneme.app.aligner import ContrastiveAligner
 
     module = ContrastiveAligner(input_shapes={"image": (1, 8, 8), "text": (16,)}, num_classes=10)
-    module.set_prompts(dm.scenario.class_names, dm.scenario.prompt_templates)
+    module.set_prompts(dm.class_names, dm.prompt_templates)
     for c in range(10):
         assert all(NUMBER_WORDS[c] in decode(t).split() for t in module.prompt_tokens[c])
 
@@ -162,7 +155,6 @@ def test_captioned_digit_images_show_their_label_under_a_shuffled_order():
     dm = ContinualDataModule(
         "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 5, "seed": 0},
-        sample_keys=["image", "label", "text", "task"],
     )
     for exp in dm.train_experiences + dm.test_experiences:
         t = exp.tensors
@@ -176,7 +168,6 @@ def test_spoken_digit_captions_name_their_labels_under_a_shuffled_order():
     dm = ContinualDataModule(
         "mneme.datamodules.SpokenDigits",
         {"path": str(SPOKEN), "split": "class", "seed": 0},
-        sample_keys=["audio", "label", "image", "text", "task"],
     )
     assert [e.classes for e in dm.train_experiences] != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
     captions_name_their_labels(dm.train_experiences + dm.test_experiences)

@@ -141,9 +141,23 @@ def test_experience_metadata_needs_no_sample(materialize):
     ("keys", "reason"),
     [(["label", "image", "task"], "not a class index"), (["image", "task", "label"], "not the")],
 )
-def test_sample_keys_in_the_wrong_order_are_refused(materialize, keys, reason):
+def test_sample_keys_in_the_wrong_order_are_refused(tmp_path, materialize, keys, reason):
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
     from mneme.datamodules import ConfigError
+    from mneme.datamodules.streams import load_digits_tensors
 
-    datamodule = ContinualDataModule(**digits_stream(5), sample_keys=keys, materialize=materialize)
+    # an Avalanche scenario, which does not declare its fields: sample_keys names them
+    scenario = nc_benchmark(*load_digits_tensors(), n_experiences=5, task_labels=False, seed=0)
+    datamodule = ContinualDataModule(sample_keys=keys, materialize=materialize)
+    datamodule.factory, datamodule.benchmark_args = (lambda: scenario), {}
     with pytest.raises(ConfigError, match=f"data.sample_keys: position .*{reason}"):
         datamodule.field_shape("image")
+
+
+def test_sample_keys_that_contradict_a_declared_stream_are_refused():
+    from mneme.datamodules import ConfigError
+
+    datamodule = ContinualDataModule(**digits_stream(5), sample_keys=["image", "task", "label"])
+    with pytest.raises(ConfigError, match="data.sample_keys: .* contradicts the fields"):
+        datamodule.field_shape("image")
+    assert ContinualDataModule(**digits_stream(5)).sample_keys == ["image", "label", "task"]

@@ -89,7 +89,6 @@ def test_a_modality_in_one_file_is_named_by_type():
     datamodule = ContinualDataModule(
         "mneme.datamodules.SplitCaptionedDigits",
         {"n_experiences": 2},
-        sample_keys=["image", "label", "text", "task"],
         epochs_per_experience=1,
     )
     model = ContrastiveAligner(encoders={"image": {"type": "flat_test"}, "text": {}}, embed_dim=8)
