@@ -383,13 +383,15 @@ def ddp_with_timeout(strategy):
     the others waiting; ``None`` for any other strategy (kept as the user gave it)."""
     if not isinstance(strategy, str) or not strategy.startswith("ddp"):
         return None
+    import inspect
     from datetime import timedelta
 
     from lightning.pytorch.strategies import StrategyRegistry
 
-    if strategy not in StrategyRegistry:
+    entry = StrategyRegistry[strategy] if strategy in StrategyRegistry else None
+    if not entry or "timeout" not in inspect.signature(entry["strategy"]).parameters:
         return None
-    return StrategyRegistry.get(strategy, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=DDP_TIMEOUT_S))
 
 
 def trainer_setting_error(error: Exception, user: dict) -> str:

@@ -127,6 +127,16 @@ def test_trainer_settings_fill_what_the_user_left_unset():
         {"reload_dataloaders_every_n_epochs": 2},
         {"check_val_every_n_epoch": 3},
         {"check_val_every_n_epoch": None},
+        {"max_epochs": 3},  # inside experience 1
+        {"max_steps": 10},
+        {"min_epochs": EXPERIENCES * EPOCHS + 1},
+        {"val_check_interval": 0.5},
+        {"accumulate_grad_batches": 0},
+        {"limit_train_batches": 0},
+        {"limit_val_batches": 0},
+        {"overfit_batches": 2},
+        {"fast_dev_run": True},
+        {"max_time": "00:00:01:00"},
     ],
 )
 def test_conflicting_trainer_settings_are_refused_naming_the_field(setting):
