@@ -236,6 +236,7 @@ def run_mneme(
     datamodule = ContinualDataModule(
         benchmark="benchmarks.plain.shared_scenario",
         benchmark_args={"stream": stream, "path": path, "n_experiences": N_EXPERIENCES},
+        trusted_benchmarks=["benchmarks.plain.shared_scenario"],  # this repository's own
         epochs_per_experience=epochs,
         batch_size=BATCH_SIZE,
         eval_batch_size=EVAL_BATCH_SIZE,

@@ -26,6 +26,12 @@ STRATEGIES = {
     ],
     "lwf": ["--trainer.callbacks+=mneme.callbacks.LwF"],
 }
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+STRATEGIES["replay_ddp"] = [*STRATEGIES["replay"], *DDP]  # each rank's own buffer comes back
+# per-sample loaders (nothing materialized): the sampler's order and the strategies' reads
+STRATEGIES["replay_ewc_on_demand"] = [
+    *STRATEGIES["replay"], *STRATEGIES["ewc"], "--data.materialize", "false"
+]  # fmt: skip
 # Where each strategy's run is killed (2 epochs per experience: boundaries end epochs 1, 3, ...):
 KILL_POINTS = {
     "naive": [
@@ -51,18 +57,23 @@ KILL_POINTS = {
     # the first step of a new experience (right after the teacher snapshot)
     "lwf": ["--trainer.callbacks.init_args.epoch", "6", "--trainer.callbacks.init_args.batch", "0"],
 }
+KILL_POINTS["replay_ddp"] = KILL_POINTS["replay"]
+KILL_POINTS["replay_ewc_on_demand"] = [
+    "--trainer.callbacks.init_args.epoch", "4", "--trainer.callbacks.init_args.batch", "2"
+]  # fmt: skip
 
 
 def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
+    # the console script: Lightning's DDP launcher re-runs it for each rank
+    mneme = Path(sys.executable).parent / "mneme"
     # the quickstart's own Replay is dropped: each test names its strategy
     args = ["fit", "--config", str(CONFIG), "--trainer.callbacks", "[]",
             "--trainer.deterministic", "true",
             "--trainer.logger.init_args.name", name,
             "--data.epochs_per_experience", "2"]  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-c", code, *args, *extra],
+        [str(mneme), *args, *extra],
         cwd=cwd, env=env, capture_output=True, text=True,
     )  # fmt: skip
 
