@@ -70,6 +70,9 @@ def make_files(d: Path) -> dict[str, str]:
     (d / "random.ckpt").write_bytes(os.urandom(4096))
     torch.save(torch.zeros(3), d / "tensor.ckpt")
     torch.save({"state_dict": {}, "payload": Unpicklable()}, d / "pickled.ckpt")
+    aligner = torch.load(d / CKPT, weights_only=True)  # as an aligner's checkpoint names itself
+    aligner["hyper_parameters"]["_class_path"] = "mneme.app.ContrastiveAligner"
+    torch.save(aligner, d / "aligner.ckpt")
     (d / "not_a_dir").write_text("a file where a folder should be")
     from PIL import Image
 
@@ -256,6 +259,10 @@ CASES: dict[str, tuple[list[str], list[str]]] = {
         ["test", "--config", QUICKSTART, "--ckpt_path", "pickled.ckpt"],
         ["ckpt_path", "pickled.ckpt"],
     ),  # noqa: E501
+    "checkpoint_of_another_model_class": (
+        ["test", "--config", QUICKSTART, "--ckpt_path", "aligner.ckpt"],
+        ["ckpt_path", "ContrastiveAligner", "model.class_path"],
+    ),
     "checkpoint_of_another_stream": (
         ["test", "--config", QUICKSTART, *file_benchmark("mnist28.npz"), "--ckpt_path", CKPT],
         ["ckpt_path", "data.benchmark"],
