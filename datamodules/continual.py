@@ -25,7 +25,7 @@ from mneme.datamodules.experiences import (
     stream_targets,
 )
 from mneme.datamodules.seeding import preserved_rng, run_seed
-from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches
+from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches, epoch_order
 from torch import Tensor
 from torch.utils.data import DataLoader
 
@@ -337,7 +337,7 @@ class ContinualDataModule(LightningDataModule):
         return DataLoader(
             experience.dataset,
             batch_size=batch_size,
-            sampler=EpochSampler(len(experience), **order),
+            sampler=EpochSampler(epoch_order(len(experience), **order)),
             num_workers=self.num_workers,
             collate_fn=experience.collate,
             # workers seed their transforms from the loader's generator: per epoch, so a

@@ -128,8 +128,8 @@ def epoch_order(
 
 
 class EpochSampler(DistributedSampler):
-    """The order of :func:`epoch_order` for a per-sample ``DataLoader`` (``materialize:
-    false``), so both data paths serve the same batches and resume alike.
+    """Serves a fixed ``order`` (from :func:`epoch_order`) to a per-sample ``DataLoader``
+    (``materialize: false``), so both data paths serve the same batches and resume alike.
 
     It subclasses ``DistributedSampler`` only so that Lightning keeps it as it is: Lightning
     replaces any other sampler with its own distributed one under DDP, whose padding and
@@ -137,28 +137,10 @@ class EpochSampler(DistributedSampler):
     the loader is built, each epoch (``reload_dataloaders_every_n_epochs=1``).
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        epoch: int,
-        rank: int = 0,
-        world_size: int = 1,
-        pad_shards: bool = True,
-    ) -> None:
+    def __init__(self, order: Tensor) -> None:
         # The base class only needs a sized dataset; no process group is read.
-        super().__init__(range(num_samples), num_replicas=world_size, rank=rank, shuffle=False)
-        self.order = epoch_order(
-            num_samples,
-            shuffle=shuffle,
-            seed=seed,
-            epoch=epoch,
-            rank=rank,
-            world_size=world_size,
-            pad_shards=pad_shards,
-        )
+        super().__init__(range(len(order)), num_replicas=1, rank=0, shuffle=False)
+        self.order = order
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order.tolist())

@@ -23,6 +23,22 @@ needs_mnist = pytest.mark.skipif(
 )
 
 
+def quiet_trainer(datamodule, tmp_path=None, callbacks=(), **trainer_args):
+    """A CPU trainer with the stream's schedule, and no logger, bar, summary or checkpoints."""
+    from lightning.pytorch import Trainer
+
+    args = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "enable_checkpointing": False,
+        "default_root_dir": tmp_path,
+        **trainer_args,
+    }
+    return Trainer(callbacks=list(callbacks), **args, **datamodule.trainer_settings())
+
+
 def digits_stream(n_experiences: int = 5, **benchmark_args) -> dict:
     """ContinualDataModule arguments for SplitDigits."""
     return {

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier
 from mneme.callbacks import EWC, LwF, Replay
 from mneme.datamodules import ContinualDataModule
 from mneme.datamodules.experiences import DatasetExperience, TensorExperience
 from torch.utils.data import Dataset
 
-from tests.conftest import digits_stream
+from tests.conftest import digits_stream, quiet_trainer
 
 EPOCHS, BUFFER, FISHER = 2, 24, 16
 
@@ -63,16 +62,7 @@ def fit(datamodule: ContinualDataModule, tmp_path: Path, seed: int = 0):
         EWC(ewc_lambda=10.0, fisher_samples=FISHER),
         LwF(alpha=0.5),
     ]
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-        **datamodule.trainer_settings(),
-    )
+    trainer = quiet_trainer(datamodule, tmp_path, callbacks)
     model = ContinualClassifier(encoder="mneme_mlp")
     trainer.fit(model, datamodule)
     return model, callbacks

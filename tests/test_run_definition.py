@@ -5,32 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier
 from mneme.callbacks import EWC, ExperienceCallback, Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
 
-from tests.conftest import digits_stream
-
-
-def trainer_for(datamodule, tmp_path, callbacks=()):
-    return Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=list(callbacks),
-        **datamodule.trainer_settings(),
-    )
+from tests.conftest import digits_stream, quiet_trainer
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("run")
     datamodule = ContinualDataModule(**digits_stream(2), epochs_per_experience=1)
-    trainer = trainer_for(datamodule, tmp_path, [Replay(buffer_size=20)])
+    trainer = quiet_trainer(datamodule, tmp_path, [Replay(buffer_size=20)])
     trainer.fit(ContinualClassifier(encoder="mneme_mlp"), datamodule)
     path = tmp_path / "done.ckpt"
     trainer.save_checkpoint(path)
@@ -43,7 +29,7 @@ def checkpoint(tmp_path_factory):
 def resume(path, tmp_path, callbacks, **data):
     args = {**digits_stream(2), "epochs_per_experience": 1, **data}
     datamodule = ContinualDataModule(**args)
-    trainer = trainer_for(datamodule, tmp_path, callbacks)
+    trainer = quiet_trainer(datamodule, tmp_path, callbacks)
     trainer.fit(ContinualClassifier(encoder="mneme_mlp"), datamodule, ckpt_path=path)
 
 

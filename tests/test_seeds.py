@@ -4,12 +4,12 @@ order keeps its own seed; one seed repeats bit for bit."""
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch import Callback, seed_everything
 from mneme.app import ContinualClassifier
 from mneme.callbacks import Replay
 from mneme.datamodules import ContinualDataModule
 
-from tests.conftest import digits_stream
+from tests.conftest import digits_stream, quiet_trainer
 
 
 class FirstBatch(Callback):
@@ -22,15 +22,7 @@ def run(seed: int) -> dict:
     seed_everything(seed)
     datamodule = ContinualDataModule(**digits_stream(2), batch_size=32)
     replay, first = Replay(buffer_size=40), FirstBatch()
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=[replay, first],
-        **datamodule.trainer_settings(),
-    )
+    trainer = quiet_trainer(datamodule, None, [replay, first])
     model = ContinualClassifier(encoder="mneme_mlp")
     trainer.fit(model, datamodule)
     return {
