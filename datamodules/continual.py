@@ -169,12 +169,12 @@ class ContinualDataModule(LightningDataModule):
             with preserved_rng():
                 self._train = [self._experience(e) for e in scenario.train_stream]
                 self._test = [self._experience(e) for e in scenario.test_stream]
-            self._scenario = scenario
             if not self._train or not self._test:
                 raise ConfigError(
                     f"data.benchmark: {self.benchmark} has {len(self._train)} training and "
                     f"{len(self._test)} test experiences; a stream needs at least one of each"
                 )
+            self._scenario = scenario
         return self._scenario
 
     def _declaration(self, built: Any) -> DeclaredStream:
