@@ -482,7 +482,9 @@ def test_ddp_fisher_identical_across_ranks(tmp_path):
         assert torch.equal(f0, f1)
     assert r0["ewc"]["fishers"][0].abs().sum() > 0
     # each rank's buffer holds its own shard: equal sizes, no common sample
-    i0, i1 = r0["replay"]["buffer"]["image"], r1["replay"]["buffer"]["image"]
+    # (the state gathers every rank's buffer, so either rank's state holds both)
+    i0, i1 = (r0["replay"]["ranks"][r]["buffer"]["image"] for r in (0, 1))
+    assert torch.equal(r1["replay"]["ranks"][1]["buffer"]["image"], i1)
     assert len(i0) == len(i1) == 50
     assert not (i0.flatten(1)[:, None] == i1.flatten(1)[None]).all(-1).any()
 
