@@ -251,7 +251,7 @@ class Replay(ExperienceCallback):
         }
 
     def _gather(self, own: dict[str, Any]) -> list[dict[str, Any]]:
-        rank, world_size = _rank(self._trainer)
+        _, world_size = _rank(self._trainer)
         if world_size == 1:
             return [own]
         gathered: list[Any] = [None] * world_size

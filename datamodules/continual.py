@@ -26,7 +26,6 @@ from mneme.datamodules.experiences import (
 )
 from mneme.datamodules.seeding import preserved_rng, run_seed
 from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches, epoch_order
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 
@@ -46,15 +45,7 @@ def materialize(dataset, sample_keys: Sequence[str]) -> TensorExperience:
         raise ConfigError("data.benchmark: an experience has no samples")
     tensors = {key: torch.cat([p[key] for p in parts]).contiguous() for key in parts[0]}
     check_label_field(tensors, stream_targets(dataset), sample_keys)
-    check_labels(tensors["label"])
     return TensorExperience(tensors)
-
-
-def check_labels(labels: Tensor) -> None:
-    if len(labels) and labels.min() < 0:
-        raise ConfigError(
-            f"data.benchmark: labels must be class indices >= 0, found {labels.min()}"
-        )
 
 
 class ContinualDataModule(LightningDataModule):
@@ -211,9 +202,7 @@ class ContinualDataModule(LightningDataModule):
     def _experience(self, experience) -> ExperienceData:
         if self.materialize:
             return materialize(experience.dataset, self._declared.fields)
-        data = DatasetExperience(experience, self._declared.fields, self.num_workers)
-        check_labels(torch.tensor(data.classes))
-        return data
+        return DatasetExperience(experience, self._declared.fields, self.num_workers)
 
     @property
     def train_experiences(self) -> list[ExperienceData]:

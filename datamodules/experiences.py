@@ -137,6 +137,14 @@ class SampleCollate:
         return batch
 
 
+def check_class_indices(labels: Tensor) -> None:
+    """Refuse negative labels: a label is a class index (heads have one output each)."""
+    if len(labels) and labels.min() < 0:
+        raise ConfigError(
+            f"data.benchmark: labels must be class indices >= 0, found {labels.min()}"
+        )
+
+
 def check_label_field(batch: Batch, targets: Tensor | None, sample_keys: Sequence[str]) -> None:
     """Refuse ``sample_keys`` that name the wrong position ``label``: the field must hold one
     class index per sample and, where the stream knows its targets (Avalanche's datasets
@@ -156,6 +164,7 @@ def check_label_field(batch: Batch, targets: Tensor | None, sample_keys: Sequenc
             f"Avalanche's generators keep the class second: name the fields in the "
             f"stream's order (got {list(sample_keys)})"
         )
+    check_class_indices(label)
 
 
 def stream_targets(dataset: Any) -> Tensor | None:
@@ -183,6 +192,7 @@ class DatasetExperience(ExperienceData):
         self.num_workers = num_workers
         self.classes = sorted(int(c) for c in experience.classes_in_this_experience)
         self.tasks = sorted(int(t) for t in getattr(experience, "task_labels", [0]))
+        check_class_indices(torch.tensor(self.classes))
         self._labels: Tensor | None = None
         self._task_labels: Tensor | None = None
 

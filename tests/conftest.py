@@ -47,6 +47,18 @@ def digits_stream(n_experiences: int = 5, **benchmark_args) -> dict:
     }
 
 
+@pytest.fixture(autouse=True)
+def _restore_the_run_seed():
+    """``seed_everything`` sets ``PL_GLOBAL_SEED``, which Mneme's seeds default to: a test
+    that seeds a run in this process must not decide the next test's draws."""
+    previous = os.environ.get("PL_GLOBAL_SEED")
+    yield
+    if previous is None:
+        os.environ.pop("PL_GLOBAL_SEED", None)
+    else:
+        os.environ["PL_GLOBAL_SEED"] = previous
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _run_in_a_scratch_folder(tmp_path_factory):
     """Trainers without a logger write next to the working directory (Lightning's default

@@ -289,24 +289,15 @@ def test_experience_accuracy_ddp_gloo():
 
 
 def test_a_stream_of_one_experience_gives_a_one_row_matrix(tmp_path):
-    from lightning.pytorch import Trainer
     from mneme.app import ContinualClassifier
     from mneme.callbacks import ContinualMetrics
     from mneme.datamodules import ContinualDataModule
 
-    from tests.conftest import digits_stream
+    from tests.conftest import digits_stream, quiet_trainer
 
     datamodule = ContinualDataModule(**digits_stream(1))
     metrics = ContinualMetrics(print_table=False)
-    trainer = Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[metrics],
-        **datamodule.trainer_settings(),
-    )
+    trainer = quiet_trainer(datamodule, tmp_path, [metrics], enable_model_summary=True)
     trainer.fit(ContinualClassifier(encoder="mneme_mlp"), datamodule)
     assert len(metrics.rows) == 1 and len(metrics.rows[0]) == 1
     assert 0.2 < metrics.rows[0][0] <= 1.0  # ten classes, learnt in one epoch
