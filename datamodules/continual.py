@@ -116,6 +116,7 @@ class ContinualDataModule(LightningDataModule):
             ("epochs_per_experience", epochs_per_experience),
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
+            ("max_classes", max_classes),
         ):
             if value < 1:
                 raise ConfigError(f"data.{name}: must be at least 1, got {value}")

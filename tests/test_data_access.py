@@ -151,3 +151,12 @@ def test_sample_keys_that_contradict_a_declared_stream_are_refused():
     with pytest.raises(ConfigError, match="data.sample_keys: .* contradicts the fields"):
         datamodule.field_shape("image")
     assert ContinualDataModule(**digits_stream(5)).sample_keys == ["image", "label", "task"]
+
+
+def test_a_label_past_max_classes_is_refused_before_a_head_is_sized():
+    from mneme.datamodules import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_classes: must be at least 1"):
+        ContinualDataModule(**digits_stream(5), max_classes=0)
+    with pytest.raises(ConfigError, match="data.max_classes: the stream's largest label is 9"):
+        ContinualDataModule(**digits_stream(5), max_classes=5).num_classes  # noqa: B018
