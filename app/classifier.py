@@ -8,11 +8,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
+from mneme.app.backbones import create_backbone
 from mneme.app.continual_module import Batch, ContinualModule
-from mneme.app.encoders import create_encoder, feature_dim
+from mneme.app.encoders import feature_dim
 from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.schedule import is_experience_end
 from torch import Tensor, nn
+
+# Where a checkpoint records the backbone tensors it leaves out, and their source.
+BACKBONE_KEY = "mneme_backbone"
 
 
 class ContinualClassifier(ContinualModule):
@@ -30,7 +36,17 @@ class ContinualClassifier(ContinualModule):
     Args:
         encoder: a timm model name (``mneme_mlp``, ``mneme_cnn``, ``resnet18``, ...).
         encoder_args: keyword arguments of the timm model (``hidden: [400, 400]``).
-        encoder_weights: a local checkpoint file for the encoder.
+        encoder_weights: a local weights file for the encoder (``package:<name>/<path>``: a
+            file inside an installed package); see :mod:`mneme.app.backbones`.
+        encoder_weights_keys: ``exact`` (the file uses timm's names) or ``by_position``
+            (another library's names, same tensors in the same order).
+        encoder_pretrained: timm's published weights: ``true`` (the default tag) or a tag
+            (``augreg_in21k``); downloads.
+        encoder_input_size: ``[H, W]`` a pretrained encoder sees (default: its own); inputs
+            are resized and normalized by the encoder's data config.
+        freeze_encoder: train no weight of the encoder; ``None``: frozen when ``peft`` is set.
+        peft: parameter-efficient fine-tuning of the encoder (``{method: lora, r: 4, ...}``);
+            see :mod:`mneme.app.adaptation`.
         optimizer: optimizer class and arguments (``class_path: torch.optim.SGD``).
         reset_optimizer: clear the optimizer state (momentum, Adam moments) at each
             experience start; Lightning keeps one optimizer for the whole fit.
@@ -54,6 +70,11 @@ class ContinualClassifier(ContinualModule):
         encoder: str = "mneme_mlp",
         encoder_args: dict[str, Any] | None = None,
         encoder_weights: str | None = None,
+        encoder_weights_keys: str = "exact",
+        encoder_pretrained: bool | str | None = None,
+        encoder_input_size: Sequence[int] | None = None,
+        freeze_encoder: bool | None = None,
+        peft: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         reset_optimizer: bool = False,
         mask_unseen_classes: bool = True,
@@ -76,9 +97,17 @@ class ContinualClassifier(ContinualModule):
         self.hparams.update(num_classes=num_classes, num_tasks=num_tasks, input_shape=input_shape)
         self.num_heads = num_tasks if (hp.multi_head is None or hp.multi_head) else 1
         self.num_classes = num_classes
-        self.encoder = create_encoder(
-            hp.encoder, input_shape, weights=hp.encoder_weights, **(hp.encoder_args or {})
+        self.encoder = create_backbone(
+            hp.encoder,
+            input_shape,
+            args=hp.encoder_args,
+            weights=hp.encoder_weights,
+            weights_keys=hp.encoder_weights_keys,
+            pretrained=hp.encoder_pretrained,
+            input_size=hp.encoder_input_size,
         )
+        self.adaptation = BackboneAdaptation(self.encoder, hp.peft, hp.freeze_encoder, num_tasks)
+        freeze_norm_statistics(self.encoder)
         # All heads in one Linear: one matmul, then each sample picks its task's slice.
         self.head = nn.Linear(feature_dim(self.encoder, input_shape), self.num_heads * num_classes)
         self.register_buffer(
@@ -117,10 +146,31 @@ class ContinualClassifier(ContinualModule):
                     f"{stream[key]}; use a model (or checkpoint) made for this stream"
                 )
 
+    # -- checkpoints ----------------------------------------------------------------------
+    def on_train_epoch_end(self) -> None:
+        if is_experience_end(self.trainer):  # before the end-of-epoch checkpoint is written
+            self.adaptation.end_experience()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A backbone frozen as its weights file or tag made it is left out of the
+        checkpoint: only what trained is saved, and a load rebuilds the rest from the same
+        source (``model.encoder_weights`` / ``encoder_pretrained``, checked by digest)."""
+        super().on_save_checkpoint(checkpoint)
+        source = getattr(self.encoder, "weights_source", None)
+        if source is None:
+            return
+        state = checkpoint["state_dict"]
+        omitted = [f"encoder.{n}" for n in self.adaptation.unchanged_tensors()]
+        omitted = [k for k in omitted if k in state]
+        for key in omitted:
+            del state[key]
+        checkpoint[BACKBONE_KEY] = {"source": dict(source), "omitted": omitted}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of a model made for another stream is refused naming the field,
         before its weights meet this model's shapes."""
         super().on_load_checkpoint(checkpoint)
+        self._restore_backbone(checkpoint)
         saved = checkpoint.get("hyper_parameters", {})
         for key in ("input_shape", "num_classes", "num_tasks"):
             theirs, ours = saved.get(key), self.hparams.get(key)
@@ -132,7 +182,11 @@ class ContinualClassifier(ContinualModule):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
-        return self.logits(self.encoder(x), task)
+        return self.logits(self.features(x, task), task)
+
+    def features(self, x: Tensor, task: Tensor | None = None) -> Tensor:
+        """The encoder's features, each sample through its task's adapter (``per_task``)."""
+        return self.adaptation.run(self.encoder, x, task)
 
     def logits(self, features: Tensor, task: Tensor | None = None) -> Tensor:
         """Logits of each sample's head, unseen classes masked."""
@@ -156,7 +210,7 @@ class ContinualClassifier(ContinualModule):
 
     # -- training -------------------------------------------------------------------------
     def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        features = self.encoder(batch[self.input_key])
+        features = self.features(batch[self.input_key], batch["task"])
         logits = self.logits(features, batch["task"])
         terms = {"ce": F.cross_entropy(logits, batch["label"])}
         return terms, {"logits": logits, "features": features}
@@ -169,6 +223,27 @@ class ContinualClassifier(ContinualModule):
         self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
 
     test_step = validation_step
+
+    def _restore_backbone(self, checkpoint: dict[str, Any]) -> None:
+        """Fill in the backbone tensors a checkpoint left out, from this model's own source,
+        which must be the checkpoint's."""
+        saved = checkpoint.get(BACKBONE_KEY)
+        if not saved:
+            return
+        theirs, ours = saved["source"], getattr(self.encoder, "weights_source", None) or {}
+        same = (theirs.get("sha256") or theirs.get("pretrained")) == (
+            ours.get("sha256") or ours.get("pretrained")
+        )
+        if not same:
+            raise ConfigError(
+                f"model.encoder_weights: the checkpoint holds only the trained part of a "
+                f"backbone from {theirs.get('weights') or theirs.get('pretrained')} "
+                f"(sha256 {theirs.get('sha256', '-')[:12]}); this model's backbone comes from "
+                f"{ours.get('weights') or ours.get('pretrained') or 'random weights'}: "
+                "give the weights file (or tag) the run was trained with"
+            )
+        own = self.state_dict()
+        checkpoint["state_dict"].update({k: own[k] for k in saved["omitted"]})
 
 
 def _seq(value: Any) -> list:

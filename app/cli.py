@@ -75,6 +75,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from mneme.callbacks import (
         ContinualMetrics,
         ExperienceCheckpoint,
+        ExperienceCost,
         FiniteLossGuard,
         StreamProgressBar,
     )
@@ -116,6 +117,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_lightning_class_args(ContinualMetrics, "metrics")
+            parser.add_lightning_class_args(ExperienceCost, "cost")
             parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
             parser.add_lightning_class_args(ExperienceCheckpoint, "checkpoint")
 
@@ -359,9 +361,11 @@ def release_claims() -> None:
 def check_weight_files(init_args) -> None:
     """Refuse a model weights file (``model.encoder_weights``, ...) that does not exist:
     timm's loader raises ``FileNotFoundError`` without naming it."""
+    from mneme.app.backbones import resolve_weights_path
+
     for key, value in init_args.items() if hasattr(init_args, "items") else []:
-        if key.endswith("weights") and isinstance(value, str) and not Path(value).is_file():
-            raise ConfigError(f"model.{key}: no weights file at '{value}'; pass a local file")
+        if key.endswith("weights") and isinstance(value, str):
+            resolve_weights_path(value, f"model.{key}")
 
 
 def check_checkpoint_dirpath(subcommand: str, config) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.adaptation import freeze_norm_statistics
 from mneme.app.protocols import Batch, BatchTransform, LossTerm
 from mneme.app.run_definition import KEY, check_same_run, run_definition
 from mneme.callbacks.metrics import ExperienceAccuracy
@@ -96,6 +97,7 @@ class ContinualModule(LightningModule):
         """Record what the running experience brings: its classes and task labels."""
 
     def on_train_epoch_start(self) -> None:
+        freeze_norm_statistics(self)  # after callbacks that (un)freeze layers at this epoch
         datamodule = self.trainer.datamodule
         k = current_experience(self.trainer)
         experience = datamodule.train_experiences[k]
@@ -147,7 +149,16 @@ class ContinualModule(LightningModule):
             raise ConfigError(f"model.optimizer: {err}") from err
 
     def optimizer_parameters(self):
-        return self.parameters()
+        """The parameters that train (a frozen backbone's are left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> ContinualModule:
+        """Batch norms of frozen layers stay in eval mode, so their statistics stay the
+        pretrained ones (see :func:`mneme.app.adaptation.freeze_norm_statistics`)."""
+        super().train(mode)
+        if mode:
+            freeze_norm_statistics(self)
+        return self
 
 
 def _free_name(name: str, taken: dict) -> str:

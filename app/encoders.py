@@ -15,6 +15,7 @@ from typing import Any
 
 import timm
 import torch
+from mneme.app.backbones import match_state, read_state_dict, resolve_weights_path
 from mneme.datamodules.errors import ConfigError
 from timm.models import register_model
 from torch import Tensor, nn
@@ -101,9 +102,11 @@ def create_encoder(
 ) -> nn.Module:
     """Build a feature extractor (no classifier) by timm name for inputs of ``(C, H, W)``.
 
-    ``weights`` is a local checkpoint file, loaded by timm (``checkpoint_path``); nothing is
-    downloaded. ``img_size`` is passed to entrypoints that declare it (the MLP needs it), so
-    no model name is special-cased here.
+    ``weights`` is a local file of this model's own state dict, read with
+    ``weights_only=True`` (timm's ``checkpoint_path`` would unpickle anything); nothing is
+    downloaded. Pretrained weights of other shapes load through
+    :func:`mneme.app.backbones.create_backbone`. ``img_size`` is passed to entrypoints that
+    declare it (the MLP needs it), so no model name is special-cased here.
     """
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
@@ -115,14 +118,14 @@ def create_encoder(
     entrypoint = timm.models.model_entrypoint(name)
     if "img_size" in inspect.signature(entrypoint).parameters and len(input_shape) == 3:
         kwargs.setdefault("img_size", tuple(input_shape[1:]))
-    return timm.create_model(
-        name,
-        pretrained=False,
-        num_classes=0,
-        in_chans=input_shape[0],
-        checkpoint_path=weights or "",
-        **kwargs,
+    model = timm.create_model(
+        name, pretrained=False, num_classes=0, in_chans=input_shape[0], **kwargs
     )
+    if weights:
+        field = "model.encoder_weights"
+        state = read_state_dict(resolve_weights_path(weights, field), field)
+        model.load_state_dict(match_state(model.state_dict(), state, "exact", field))
+    return model
 
 
 @torch.no_grad()
