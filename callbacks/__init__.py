@@ -10,6 +10,7 @@ from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from mneme.callbacks.lwf import LwF
 from mneme.callbacks.progress import StreamProgressBar
 from mneme.callbacks.replay import Replay
+from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 
 __all__ = [
     "EmbeddingProjector",
@@ -20,6 +21,7 @@ __all__ = [
     "ExperienceCheckpoint",
     "FiniteLossGuard",
     "NonFiniteLossError",
+    "ProgressiveUnfreezing",
     "LwF",
     "Replay",
     "StreamProgressBar",
