@@ -2,6 +2,7 @@
 
 from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
+from mneme.callbacks.cost import ExperienceCost
 from mneme.callbacks.embedding_projector import EmbeddingProjector
 from mneme.callbacks.ewc import EWC
 from mneme.callbacks.experience import ExperienceCallback
@@ -19,6 +20,7 @@ __all__ = [
     "ContinualMetrics",
     "ExperienceCallback",
     "ExperienceCheckpoint",
+    "ExperienceCost",
     "FiniteLossGuard",
     "NonFiniteLossError",
     "ProgressiveUnfreezing",

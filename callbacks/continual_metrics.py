@@ -15,6 +15,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
+from mneme.callbacks.cost import ExperienceCost, format_cost
 from mneme.callbacks.metrics import summarize
 from mneme.datamodules.schedule import current_experience, is_experience_end
 
@@ -52,6 +53,11 @@ class ContinualMetrics(Callback):
     (``continual/acc_exp<j>``, step = experience), the summary scalars, a heatmap of the
     matrix and the table as text, and writes ``<log_dir>/continual_metrics.json``; at the end
     of ``fit`` and ``test`` it prints the table. ``test`` writes ``<log_dir>/test_metrics.json``.
+
+    With an :class:`~mneme.callbacks.cost.ExperienceCost` among the trainer's callbacks (the
+    ``mneme`` CLI adds one, ``cost:``), its rows (parameters, training time, peak memory,
+    checkpoint size per experience) go into the JSON as ``cost`` and are printed, and shown
+    in the Text tab, as a second table right after the accuracy matrix.
 
     The JSON says whether the run is ``complete`` (every experience trained) with
     ``experiences_done`` of ``num_experiences``: a prefix (``trainer.max_epochs``), an early
@@ -138,7 +144,7 @@ class ContinualMetrics(Callback):
                 logger.log_hyperparams(self.run_config)
                 logger.log_metrics(final, step=step)
         if self.print_table:
-            _print(format_summary(summary))
+            _print(self._table_text(trainer, summary))
         total = trainer.datamodule.num_experiences if trainer.datamodule else len(self.rows)
         if len(self.rows) < total:
             _print(
@@ -159,6 +165,7 @@ class ContinualMetrics(Callback):
         elif isinstance(exception, (KeyboardInterrupt, SystemExit)):
             stopped_by = "SIGINT"
         payload = self.summary() if self.rows else {"accuracy_matrix": []}
+        payload.update(_cost_payload(trainer))
         log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
         _write_json(trainer, "continual_metrics.json", {
             **self._progress(trainer), "stopped_by": stopped_by, **payload,
@@ -182,8 +189,16 @@ class ContinualMetrics(Callback):
             logger.log_metrics(scalars, step=k)
             if isinstance(logger, TensorBoardLogger):
                 _add_heatmap(logger, self.rows, k)
-                _add_table(logger, format_summary(summary), k)
-        _write_json(trainer, "continual_metrics.json", {**self._progress(trainer), **summary})
+                _add_table(logger, self._table_text(trainer, summary), k)
+        _write_json(trainer, "continual_metrics.json", {
+            **self._progress(trainer), **summary, **_cost_payload(trainer),
+        })  # fmt: skip
+
+    def _table_text(self, trainer: Trainer, summary: dict[str, Any]) -> str:
+        """The accuracy table, and the cost table after it when the run measures cost."""
+        text = format_summary(summary)
+        rows = _cost_payload(trainer).get("cost")
+        return f"{text}\n{format_cost(rows)}" if rows else text
 
     def _report(self, trainer: Trainer, stage: str, accuracy: list[float]) -> None:
         seen = [a for a in accuracy if not math.isnan(a)]
@@ -195,6 +210,17 @@ class ContinualMetrics(Callback):
         _write_json(trainer, f"{stage}_metrics.json", result)
         if self.print_table:
             _print(format_stage(stage, accuracy, result["average_accuracy"]))
+
+
+def cost_callback(trainer: Trainer) -> ExperienceCost | None:
+    """The run's cost meter: the first ``ExperienceCost`` among the trainer's callbacks."""
+    return next((c for c in trainer.callbacks if isinstance(c, ExperienceCost)), None)
+
+
+def _cost_payload(trainer: Trainer) -> dict[str, Any]:
+    """``{"cost": [row per experience done]}``, or nothing when the run measures no cost."""
+    cost = cost_callback(trainer)
+    return {} if cost is None else {"cost": [dict(row) for row in cost.rows]}
 
 
 def _compute_and_reset(pl_module: LightningModule) -> list[float]:
@@ -271,7 +297,7 @@ def run_config(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
     ``model`` (class and hyperparameters), ``optimizer`` (class and arguments), ``callbacks``
     (each callback's ``__init__`` arguments, by class) and ``data`` (the datamodule's
     hyperparameters). The trainer's bookkeeping callbacks (progress bar, checkpoints,
-    summaries, this one) are left out."""
+    summaries, the cost meter, this one) are left out."""
     overview: dict[str, Any] = {}
     config: dict[str, Any] = {}
     callbacks: dict[str, Any] = {}
@@ -369,7 +395,7 @@ def _is_bookkeeping(callback: Callback) -> bool:
     from mneme.callbacks.finite_loss import FiniteLossGuard
 
     kinds = (Checkpoint, ModelSummary, ProgressBar, SaveConfigCallback, FiniteLossGuard)
-    return isinstance(callback, (*kinds, ContinualMetrics))
+    return isinstance(callback, (*kinds, ContinualMetrics, ExperienceCost))
 
 
 def _plain(value: Any) -> Any:
