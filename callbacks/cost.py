@@ -46,10 +46,12 @@ class ExperienceCost(Callback):
       row to the next, and counts neither data-loader workers nor other processes.
       Both are read when the experience's training ends, so they include any validation
       inside the experience (``data.validate_each_epoch``) but not the one at its end.
-    - ``checkpoint_bytes``: the size of ``torch.save(module.state_dict())``, i.e. the bytes
-      the model's weights (parameters and buffers) take in a checkpoint, measured without
-      writing a file or holding a copy. It leaves out the optimizer state and the callback
-      states a full checkpoint adds; ``None`` with ``checkpoint_size=False``.
+    - ``checkpoint_bytes``: the bytes the model's weights take in a checkpoint: the size of
+      ``torch.save`` of the module's ``state_dict()`` as its own ``on_save_checkpoint``
+      leaves it (a module may drop tensors there, e.g. a frozen pretrained backbone that a
+      load rebuilds from its source), measured without writing a file or holding a copy.
+      The optimizer state and the callback states a full checkpoint adds are not counted;
+      ``None`` with ``checkpoint_size=False``.
 
     Under DDP, ``train_seconds`` and ``peak_memory_bytes`` are the maximum over ranks (the
     slowest rank, the fullest device); parameters and weights are the same on every rank.
@@ -150,9 +152,7 @@ class ExperienceCost(Callback):
             "train_seconds": seconds,
             "peak_memory_bytes": peak,
             "peak_memory_kind": kind,
-            "checkpoint_bytes": serialized_bytes(pl_module.state_dict())
-            if self.checkpoint_size
-            else None,
+            "checkpoint_bytes": weights_bytes(pl_module) if self.checkpoint_size else None,
         }
         del self.rows[k:]
         # Experiences trained before this callback was in the run: rows of None.
@@ -211,6 +211,15 @@ class _ByteCounter:
 
     def flush(self) -> None:
         pass
+
+
+def weights_bytes(pl_module: LightningModule) -> int:
+    """The size of the module's weights as a checkpoint keeps them: its ``state_dict()``
+    after its ``on_save_checkpoint`` hook (given a checkpoint dict of that state alone; the
+    hook only edits the dict it is given), serialized."""
+    checkpoint: dict[str, Any] = {"state_dict": pl_module.state_dict()}
+    pl_module.on_save_checkpoint(checkpoint)
+    return serialized_bytes(checkpoint["state_dict"])
 
 
 def serialized_bytes(obj: Any) -> int:

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from mneme.app import ContinualClassifier
@@ -220,11 +220,39 @@ def test_under_ddp_time_and_memory_are_the_maximum_over_ranks():
             return torch.maximum(tensor, other_rank)
 
     trainer = SimpleNamespace(world_size=2, strategy=TwoRanks(), loggers=[])
-    module = torch.nn.Linear(3, 2)
-    module.device = torch.device("cpu")
+    module = LightningModule()
+    module.layer = torch.nn.Linear(3, 2)
     cost = ExperienceCost(checkpoint_size=False)
     cost._pending = {"experience": 0, "train_seconds": 1.5}
     cost._finish(trainer, module)
     (row,) = cost.rows
     assert row["train_seconds"] == 5.0 and row["peak_memory_bytes"] == 3 * 2**30
     assert row["total_params"] == row["trainable_params"] == 8
+
+
+def test_checkpoint_bytes_count_what_the_module_keeps_in_its_checkpoint():
+    """A module that leaves its frozen backbone out of its checkpoint (as a pretrained one
+    rebuilt from its source on load) is measured without it."""
+    from types import SimpleNamespace
+
+    class Backboned(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = torch.nn.Linear(64, 64).requires_grad_(False)
+            self.head = torch.nn.Linear(64, 2)
+
+        def on_save_checkpoint(self, checkpoint) -> None:
+            for key in [k for k in checkpoint["state_dict"] if k.startswith("backbone.")]:
+                del checkpoint["state_dict"][key]
+
+    module = Backboned()
+    cost = ExperienceCost()
+    cost._pending = {"experience": 0, "train_seconds": 1.0}
+    cost._finish(SimpleNamespace(world_size=1, loggers=[]), module)
+    (row,) = cost.rows
+    kept = module.state_dict()  # as a checkpoint holds it (with its version metadata)
+    for key in ("backbone.weight", "backbone.bias"):
+        del kept[key]
+    assert row["checkpoint_bytes"] == serialized_bytes(kept)
+    assert row["checkpoint_bytes"] < serialized_bytes(module.state_dict()) / 4
+    assert row["trainable_params"] == 64 * 2 + 2 < row["total_params"]
