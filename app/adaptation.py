@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ class BackboneAdaptation:
         freeze: freeze the backbone's own weights; ``None`` freezes them when ``spec`` is
             given. A frozen backbone trains nothing of its own.
         num_tasks: the stream's task labels (``adapters: per_task`` makes one each).
+        input_shape: one sample's shape (bottleneck adapters measure their widths with it).
         field: the config field named in errors.
     """
 
@@ -79,9 +80,11 @@ class BackboneAdaptation:
         spec: dict[str, Any] | None,
         freeze: bool | None = None,
         num_tasks: int = 1,
+        input_shape: Sequence[int] | None = None,
         field: str = FIELD,
     ) -> None:
         self.backbone = backbone
+        self.input_shape = tuple(input_shape) if input_shape else None
         self.field = field
         spec = dict(spec or {})
         self.method = spec.pop("method", None)
@@ -186,6 +189,8 @@ class BackboneAdaptation:
             from mneme.app.prompt_tuning import add_visual_prompts as add
         else:
             from mneme.app.bottleneck_adapters import add_bottleneck_adapters as add
+
+            options.setdefault("input_shape", self.input_shape)
         try:
             add(self.backbone, **options)
         except TypeError as err:

@@ -37,11 +37,15 @@ __all__ = ["Bottleneck", "add_bottleneck_adapters", "matches"]
 
 _FIELD = "model.peft.target_modules"
 _CHILD = "bottleneck_adapter"
+# Containers whose forward runs every child in turn: an adapter registered as their child
+# would run as one more layer, so it lives in a dict on the nearest ancestor that is not one.
+_RUNS_CHILDREN = (nn.Sequential, nn.ModuleList)
+_HOME = "bottleneck_adapters"
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 _INITS = ("zeros", "houlsby")
 # Modules that are never targets: adapters from an earlier call, and the prompt tokens of
 # app/prompt_tuning.py (matching its name keeps this module free of that import).
-_NOT_TARGETS = {_CHILD, "visual_prompts"}
+_NOT_TARGETS = {_CHILD, _HOME, "visual_prompts"}
 
 
 class Bottleneck(nn.Module):
@@ -248,7 +252,8 @@ def add_bottleneck_adapters(
             f"closest names: {close} (a string is a regex over the whole name, a list holds "
             "names or name suffixes)"
         )
-    twice = [n for n, m in targets.items() if hasattr(m, _CHILD)]
+    homes = {n: _adapter_home(model, modules, n) for n in targets}
+    twice = [n for n, (home, key) in homes.items() if hasattr(home, key)]
     if twice:
         raise ConfigError(
             f"{_FIELD}: {', '.join(twice[:5])}{' ...' if len(twice) > 5 else ''} already "
@@ -280,6 +285,32 @@ def add_bottleneck_adapters(
             device=None if own is None else own.device,
             dtype=None if own is None else own.dtype,
         )
-        module.add_module(_CHILD, adapter.train(module.training))
+        home, key = homes[name]
+        if isinstance(home, nn.ModuleDict) and key not in home:
+            home[key] = adapter.train(module.training)
+        else:
+            home.add_module(key, adapter.train(module.training))
         module.register_forward_hook(adapter.residual)
     return list(targets)
+
+
+def _adapter_home(
+    model: nn.Module, modules: dict[str, nn.Module], name: str
+) -> tuple[nn.Module, str]:
+    """Where the adapter of target ``name`` is registered, and under which key: the target
+    itself (``<target>.bottleneck_adapter``), or for an ``nn.Sequential`` target (a CNN
+    stage) the ``bottleneck_adapters`` dict of its nearest ancestor that is no container
+    (``bottleneck_adapters.blocks-0``)."""
+    if not isinstance(modules[name], _RUNS_CHILDREN):
+        return modules[name], _CHILD
+    parts = name.split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = modules[".".join(parts[:depth])]
+        if not isinstance(ancestor, _RUNS_CHILDREN):
+            if not hasattr(ancestor, _HOME):
+                ancestor.add_module(_HOME, nn.ModuleDict())
+            return getattr(ancestor, _HOME), "-".join(parts[depth:])
+    raise ConfigError(
+        f"{_FIELD}: '{name}' and every module above it are nn.Sequential containers, which "
+        "would run an adapter as a layer; target the layers inside it"
+    )

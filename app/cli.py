@@ -541,6 +541,9 @@ def quiet_known_noise() -> None:
     # Lightning logs on the global-step cadence across epochs, so a short experience
     # (fewer batches than log_every_n_steps) still logs: the warning is false for a stream
     warnings.filterwarnings("ignore", message=r"The number of training batches .* logging")
+    # batch norms of a frozen backbone stay in eval mode on purpose (their statistics are the
+    # pretrained ones: mneme.app.adaptation.freeze_norm_statistics)
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
 
 

@@ -182,3 +182,17 @@ def test_the_adapter_works_over_the_channel_axis():
         adapter.act(conv_down), adapter.up.weight[:, :, None, None], adapter.up.bias
     )
     torch.testing.assert_close(adapter(x), expected)
+
+
+def test_a_cnn_stage_is_adapted_without_running_the_adapter_as_one_more_layer():
+    # nn.Sequential runs every child: the adapter of a stage lives on the model instead.
+    torch.manual_seed(0)
+    cnn = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    x = torch.randn(2, 3, 32, 32)
+    before = cnn(x)
+    add_bottleneck_adapters(cnn, r"blocks\.\d+", input_shape=(3, 32, 32))
+    assert "bottleneck_adapters.blocks-0.up.weight" in dict(cnn.named_parameters())
+    torch.testing.assert_close(cnn.eval()(x), before, atol=1e-6, rtol=0)
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ConfigError, match="every module above it are nn.Sequential"):
+        add_bottleneck_adapters(nested, ["0"])
