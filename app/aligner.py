@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from mneme.app import hf_text  # noqa: F401 - registers the hf_text encoder type
 from mneme.app.alignment_loss import AlignmentLoss
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.modalities import build_encoders

