@@ -84,6 +84,7 @@ class BackboneAdaptation:
         field: str = FIELD,
     ) -> None:
         self.backbone = backbone
+        backbone.adaptation = self  # a plain attribute: checkpoints find it with the backbone
         self.input_shape = tuple(input_shape) if input_shape else None
         self.field = field
         spec = dict(spec or {})
