@@ -10,6 +10,8 @@ _EXPORTS = {
     "CSVCaptions": "mneme.datamodules.csv_captions",
     "ConfigError": "mneme.datamodules.errors",
     "ContinualDataModule": "mneme.datamodules.continual",
+    "EpisodeSampler": "mneme.datamodules.episodes",
+    "EpisodicDataModule": "mneme.datamodules.episodic",
     "MnemeError": "mneme.datamodules.errors",
     "PermutedMNISTFile": "mneme.datamodules.streams",
     "SplitCaptionedDigits": "mneme.datamodules.captioned_digits",
@@ -17,7 +19,9 @@ _EXPORTS = {
     "SplitMNISTFile": "mneme.datamodules.streams",
     "SpokenDigits": "mneme.datamodules.spoken_digits",
     "TensorBatches": "mneme.datamodules.tensor_batches",
+    "check_class_splits": "mneme.datamodules.episodes",
     "current_experience": "mneme.datamodules.schedule",
+    "sample_episode": "mneme.datamodules.episodes",
 }
 __all__ = list(_EXPORTS)
 
