@@ -1,5 +1,6 @@
 """Few-shot episodes: the sampler, class splits, seeds, DDP sharding, modalities, bad input."""
 
+import numpy as np
 import pytest
 import torch
 from mneme.datamodules import ConfigError, EpisodicDataModule, check_class_splits, sample_episode
@@ -214,12 +215,26 @@ def test_a_trainer_fits_and_tests_on_episodes(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = EpisodicDataModule(**DIGITS, **SPLITS, k_shot=1, q_queries=2, train_episodes=8,
-                            eval_episodes=4, eval_settings=[[5, 1], [2, 1]])  # fmt: skip
+    dm = EpisodicDataModule(
+        **DIGITS,
+        **SPLITS,
+        k_shot=1,
+        q_queries=2,
+        train_episodes=8,
+        eval_episodes=4,
+        eval_settings=[[5, 1], [2, 1]],
+    )
     model = Prototypes()
-    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False,
-                      default_root_dir=tmp_path, **dm.trainer_settings())  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        **dm.trainer_settings(),
+    )
     trainer.fit(model, datamodule=dm)
     assert len(model.seen[0]) == len(model.seen[1]) == 2
     assert not torch.equal(torch.cat(model.seen[0]), torch.cat(model.seen[1]))  # fresh per epoch
@@ -263,6 +278,45 @@ def test_spoken_digits_serve_audio_image_and_text():
     assert batch["query"]["image"].shape == (4, 10, 1, 8, 8)
     assert batch["query"]["text"].shape == (4, 10, 16)
     assert set(batch["classes"].flatten().tolist()) <= set(SPLITS["meta_train_classes"])
+
+
+def test_a_csv_manifest_serves_episodes_from_its_train_and_test_rows(tmp_path):
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    manifests = {"train": ["filepath\ttitle\tlabel"], "test": ["filepath\ttitle\tlabel"]}
+    for i in range(16):
+        image = rng.randint(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        part = "test" if i >= 12 else "train"  # 3 train rows and 1 test row per class
+        manifests[part].append(f"{i}.png\ta photo of thing {i}\t{'abcd'[i % 4]}")
+    for part, rows in manifests.items():
+        (tmp_path / f"{part}.tsv").write_text("\n".join(rows) + "\n")
+    args = {
+        "train_csv": str(tmp_path / "train.tsv"),
+        "test_csv": str(tmp_path / "test.tsv"),
+        "label_key": "label",
+        "n_experiences": 2,
+        "image_size": 8,
+        "context_length": 8,
+    }
+    dm = EpisodicDataModule(
+        "mneme.datamodules.CSVCaptions",
+        args,
+        meta_train_classes=[0, 1],
+        meta_test_classes=[2, 3],
+        n_way=2,
+        k_shot=1,
+        q_queries=3,
+        eval_episodes=2,
+        num_workers=1,
+    )
+    dm.setup("test")  # k_shot + q_queries = 4: a class's train and test rows together
+    assert dm.fields == ["image", "text"] and dm.class_names == ["a", "b", "c", "d"]
+    batch = next(iter(dm.test_dataloader()[0]))  # drawn in a worker process
+    assert batch["support"]["image"].shape == (2, 2, 3, 8, 8)
+    assert batch["query"]["text"].shape == (2, 6, 8)
+    assert set(batch["classes"].flatten().tolist()) == {2, 3}
 
 
 # -- bad input: one line each, naming the field and the fix ----------------------------------
