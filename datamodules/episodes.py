@@ -64,7 +64,8 @@ class EpisodeSampler:
 
     def __init__(self, labels: Tensor, classes: Sequence[int]) -> None:
         labels = torch.as_tensor(labels).long().flatten().cpu()
-        self.classes = torch.tensor([int(c) for c in classes], dtype=torch.long)
+        # sorted: a split's episodes do not depend on the order a config lists its classes
+        self.classes = torch.tensor(sorted(int(c) for c in classes), dtype=torch.long)
         order = torch.argsort(labels, stable=True)
         present, counts = torch.unique_consecutive(labels[order], return_counts=True)
         members = dict(zip(present.tolist(), order.split(counts.tolist()), strict=True))

@@ -139,6 +139,9 @@ def test_evaluation_episodes_are_fixed_by_eval_seed(dm):
         assert all(equal(x, y) for x, y in zip(a, b, strict=True))
     other = digits(**args, eval_seed=1).test_dataloader()[0]
     assert not equal(next(iter(other)), next(iter(first.test_dataloader()[0])))
+    # nor on the order the split's classes are listed in
+    listed = digits(**args, meta_test_classes=[9, 7, 5, 6, 8]).test_dataloader()[0]
+    assert equal(next(iter(listed)), next(iter(first.test_dataloader()[0])))
     # a setting's episodes do not depend on which others are evaluated beside it
     alone = digits(**{**args, "eval_settings": [[5, 5]]}).test_dataloader()[0]
     assert equal(next(iter(alone)), next(iter(first.test_dataloader()[1])))
