@@ -8,6 +8,8 @@ import importlib
 _EXPORTS = {
     "ContinualClassifier": "mneme.app.classifier",
     "ContrastiveAligner": "mneme.app.aligner",
+    "FewShotEvaluator": "mneme.app.fewshot_eval",
+    "PrototypicalNetwork": "mneme.app.protonet",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,6 +7,7 @@ from mneme.callbacks.embedding_projector import EmbeddingProjector
 from mneme.callbacks.ewc import EWC
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.feature_distillation import FeatureDistillation
+from mneme.callbacks.fewshot_metrics import FewShotMetrics
 from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from mneme.callbacks.lwf import LwF
 from mneme.callbacks.progress import StreamProgressBar
@@ -16,6 +17,7 @@ from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 __all__ = [
     "EmbeddingProjector",
     "FeatureDistillation",
+    "FewShotMetrics",
     "EWC",
     "ContinualMetrics",
     "ExperienceCallback",
