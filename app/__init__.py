@@ -8,6 +8,7 @@ import importlib
 _EXPORTS = {
     "ContinualClassifier": "mneme.app.classifier",
     "ContrastiveAligner": "mneme.app.aligner",
+    "MetaLearner": "mneme.app.meta_learning",
     "FewShotEvaluator": "mneme.app.fewshot_eval",
     "PrototypicalNetwork": "mneme.app.protonet",
 }
