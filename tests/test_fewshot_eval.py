@@ -288,3 +288,57 @@ def test_episodes_of_another_shape_are_refused_naming_the_checkpoint(digits, tmp
     data.shape = (3, 8, 8)
     with pytest.raises(ConfigError, match="model.checkpoint: the model takes image samples"):
         quiet(tmp_path).test(FewShotEvaluator(checkpoint=path), data, verbose=False)
+
+
+# -- with the episodic datamodule ---------------------------------------------------------------
+def episodic_digits(**args):
+    from mneme.datamodules import EpisodicDataModule
+
+    settings = {
+        "meta_train_classes": [0, 1, 2, 3, 4],
+        "meta_test_classes": META_TEST,
+        "n_way": 5,
+        "k_shot": 1,
+        "q_queries": 5,
+        "eval_settings": [[5, 1], [5, 5]],
+        "eval_episodes": 10,
+        "tasks_per_batch": 4,
+    }
+    stream = {"n_experiences": 2, "fixed_class_order": list(range(10))}
+    return EpisodicDataModule("mneme.datamodules.SplitDigits", stream, **{**settings, **args})
+
+
+def test_evaluator_on_episodic_datamodule_episodes(digits, tmp_path):
+    from mneme.app import FewShotEvaluator
+    from mneme.callbacks import FewShotMetrics
+
+    path, *_ = digits
+    reporter = FewShotMetrics(print_table=False)
+    evaluator = FewShotEvaluator(checkpoint=path, finetune_steps=10)
+    quiet(tmp_path, callbacks=[reporter]).test(evaluator, episodic_digits(), verbose=False)
+    rows = reporter.last["results"]
+    assert [(r["method"], r["n_way"], r["k_shot"]) for r in rows] == [
+        ("prototypes", 5, 1), ("prototypes", 5, 5), ("finetune", 5, 1), ("finetune", 5, 5),
+    ]  # fmt: skip
+    assert all(r["episodes"] == 10 for r in rows)  # 3 meta-batches, the padded 2 left out
+
+
+def test_protonet_trains_and_tests_on_episodic_datamodule(tmp_path):
+    from mneme.app import PrototypicalNetwork
+    from mneme.callbacks import FewShotMetrics
+
+    torch.manual_seed(0)
+    # validation: the first eval setting on the meta-val classes
+    data = episodic_digits(meta_train_classes=[0, 1, 2], meta_val_classes=[3, 4],
+                           n_way=2, eval_settings=[[2, 1], [5, 5]], train_episodes=8)  # fmt: skip
+    net = PrototypicalNetwork(encoder="mneme_mlp", encoder_args={"hidden": [32]})
+    reporter = FewShotMetrics(print_table=False)
+    trainer = quiet(tmp_path, callbacks=[reporter], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(net, data)
+    validation = json.loads((tmp_path / "fewshot_val_metrics.json").read_text())
+    assert [(r["n_way"], r["k_shot"]) for r in validation["results"]] == [(2, 1)]
+    assert "val_fewshot/2way_1shot_accuracy" in trainer.logged_metrics
+    trainer.test(net, data, verbose=False)
+    rows = reporter.last["results"]
+    assert [(r["n_way"], r["k_shot"], r["episodes"]) for r in rows] == [(2, 1, 10), (5, 5, 10)]
+    assert all(0 <= r["mean"] <= 1 for r in rows)
