@@ -99,6 +99,8 @@ class FewShotMetrics(Callback):
             from mneme.app.protonet import eval_settings_of
 
             settings = eval_settings_of(trainer.datamodule)
+        if len(methods) == 1:  # a module may grow metrics past its settings: report those named
+            metrics = metrics[: len(settings)]
         if len(metrics) != len(methods) * len(settings):
             raise ValueError(
                 f"FewShotMetrics: {len(metrics)} episode metrics for {len(methods)} methods "
