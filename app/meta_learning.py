@@ -1,9 +1,10 @@
 """Gradient-based meta-learning over a distribution of few-shot tasks: MAML (second order),
 first-order MAML and Reptile, on any Mneme encoder.
 
-Why ``torch.func`` and no meta-learning library: ``learn2learn`` and ``higher`` (the usual
-MAML libraries) are unmaintained (no release for years, pinned to old PyTorch versions), and
-PyTorch now has what they offered: :func:`torch.func.functional_call` runs the encoder on a
+Why ``torch.func`` and no meta-learning library: ``higher`` (archived by its authors) and
+``learn2learn`` (no longer maintained) clone or monkey-patch modules to make them
+functional, which breaks with newer PyTorch and timm models; PyTorch itself now has what
+they offered: :func:`torch.func.functional_call` runs the encoder on a
 dict of "fast" weights without copying or patching modules, and :func:`torch.func.grad`
 differentiates the inner loss w.r.t. that dict; the returned gradients stay differentiable
 at the outer level, so MAML's second-order term comes from PyTorch's own autograd. Any timm
@@ -60,7 +61,8 @@ take part in autograd). Any ``Trainer(inference_mode=...)`` works.
 Per-episode query accuracies are kept in :attr:`MetaLearner.episode_accuracies`, one
 ``torchmetrics.CatMetric`` per eval setting (``dataloader_idx``), reset at each validation /
 test epoch start and synced across ranks; their mean is logged as
-``val/accuracy_<N>way_<K>shot`` / ``test/...``.
+``val/accuracy_<N>way_<K>shot`` / ``test/...``. Episodes flagged ``padded`` (repeats that
+even out DDP ranks) are left out.
 
 Example (YAML)::
 
@@ -386,6 +388,9 @@ class MetaLearner(LightningModule):
             self._episode_names[dataloader_idx] = (
                 f"{n}way_{batch['support_label'].shape[1] // n}shot"
             )
+        padded = batch.get("padded")  # evaluation episodes repeated to even out DDP ranks
+        if padded is not None:
+            accuracies = accuracies[~padded.to(accuracies.device).bool()]
         self.episode_accuracies[dataloader_idx].update(accuracies)
 
     test_step = validation_step
