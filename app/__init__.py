@@ -11,6 +11,13 @@ _EXPORTS = {
     "MetaLearner": "mneme.app.meta_learning",
     "FewShotEvaluator": "mneme.app.fewshot_eval",
     "PrototypicalNetwork": "mneme.app.protonet",
+    # prototype heads, and the class statistics few-shot evaluation shares with them
+    "ClassStatistics": "mneme.app.prototypes",
+    "NCMHead": "mneme.app.prototypes",
+    "RanPACHead": "mneme.app.prototypes",
+    "SimpleCILHead": "mneme.app.prototypes",
+    "class_means": "mneme.app.prototypes",
+    "prototype_logits": "mneme.app.prototypes",
 }
 __all__ = list(_EXPORTS)
 

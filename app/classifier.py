@@ -7,15 +7,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
 from mneme.app.backbones import create_backbone
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import feature_dim
+from mneme.app.prototypes import LINEAR, PrototypeHead, build_head
 from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
-from mneme.datamodules.schedule import is_experience_end
+from mneme.datamodules.schedule import current_experience, is_experience_end
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 # Where a checkpoint records the backbone tensors it leaves out, and their source.
 BACKBONE_KEY = "mneme_backbone"
@@ -29,6 +33,18 @@ class ContinualClassifier(ContinualModule):
     several (task-incremental, multi-head). With ``mask_unseen_classes`` the logits of classes
     not seen yet (per head) are masked, which equals Avalanche's growing
     ``IncrementalClassifier`` without rebuilding layers or optimizer state.
+
+    Prototype heads (``head: {name: ncm | simplecil | ranpac, ...}``, see
+    :mod:`mneme.app.prototypes`) predict from class statistics of the backbone's features,
+    with no replay buffer. After each experience's training one extra pass over its
+    training samples (unaugmented, the model in eval mode, each process its own shard)
+    accumulates them; it runs before the validation of the experience's last epoch, so
+    the accuracy row of experience ``k`` already knows ``k``'s classes. With a frozen
+    backbone nothing trains: the training step does nothing and no optimizer is built.
+    With a trainable backbone (``peft``, ``freeze_encoder: false``: APER-style adaptation)
+    the linear ``head`` still gives the cross-entropy that trains it, and the prototype
+    head predicts once it has statistics (statistics of earlier experiences stay those of
+    the backbone as it was then).
 
     Strategies act through the extension points of :class:`ContinualModule` (``loss_terms``,
     ``batch_transforms``); training ``outputs`` hold ``logits`` and ``features``.
@@ -52,6 +68,9 @@ class ContinualClassifier(ContinualModule):
             experience start; Lightning keeps one optimizer for the whole fit.
         mask_unseen_classes: restrict predictions to the classes seen so far.
         multi_head: one head per task; ``None`` decides from the stream's task labels.
+        head: what predicts: ``{name: linear}`` (the default), or a prototype head with its
+            arguments (``{name: ncm, metric: cosine}``, ``{name: simplecil}``,
+            ``{name: ranpac, projection_dim: 5000, ridges: [...], holdout: 0.2}``).
         num_classes, num_tasks, input_shape: read from the datamodule when not given.
         input_key: the batch key of the input.
 
@@ -79,6 +98,7 @@ class ContinualClassifier(ContinualModule):
         reset_optimizer: bool = False,
         mask_unseen_classes: bool = True,
         multi_head: bool | None = None,
+        head: dict[str, Any] | None = None,
         num_classes: int | None = None,
         num_tasks: int | None = None,
         input_shape: Sequence[int] | None = None,
@@ -109,7 +129,17 @@ class ContinualClassifier(ContinualModule):
         self.adaptation = BackboneAdaptation(self.encoder, hp.peft, hp.freeze_encoder, num_tasks)
         freeze_norm_statistics(self.encoder)
         # All heads in one Linear: one matmul, then each sample picks its task's slice.
-        self.head = nn.Linear(feature_dim(self.encoder, input_shape), self.num_heads * num_classes)
+        width = feature_dim(self.encoder, input_shape)
+        self.head = nn.Linear(width, self.num_heads * num_classes)
+        # Prototype statistics over the same slots: task * num_classes + label.
+        self.prototype_head: PrototypeHead | None = build_head(
+            hp.head, self.num_heads * num_classes, width
+        )
+        if self.prototype_head is not None:
+            # Equal on every process by construction (summed across them): DDP need not
+            # broadcast them at each forward (a RanPAC Gram matrix is hundreds of MB).
+            names = [f"prototype_head.{n}" for n, _ in self.prototype_head.named_buffers()]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
         self.register_buffer(
             "class_mask", torch.zeros(self.num_heads, num_classes, dtype=torch.bool)
         )
@@ -146,9 +176,58 @@ class ContinualClassifier(ContinualModule):
                     f"{stream[key]}; use a model (or checkpoint) made for this stream"
                 )
 
+    # -- prototype statistics -------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        # Lightning validates at an epoch end before ``on_train_epoch_end``: the statistics
+        # of the experience just trained are taken here, so its accuracy row counts them.
+        trainer = self.trainer
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            if is_experience_end(trainer):
+                self.fit_prototypes(current_experience(trainer))
+
+    def fit_prototypes(self, experience: int) -> bool:
+        """Accumulate the prototype statistics of a finished experience from its training
+        samples (every process its shard; summed across processes). Idempotent: an
+        experience already absorbed (also one restored from a checkpoint) is skipped."""
+        if self.prototype_head is None:
+            return False
+        trainer = self.trainer
+        datamodule = trainer.datamodule
+        was_training = self.training
+        self.eval()
+        try:
+            return self.prototype_head.fit_experience(
+                datamodule.train_experiences[experience],
+                self._encode,
+                experience,
+                getattr(datamodule, "eval_batch_size", 512),
+                trainer.global_rank,
+                trainer.world_size,
+            )
+        finally:
+            self.train(was_training)
+
+    def _encode(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """Features and label slots (``task * num_classes + label``) of a batch."""
+        x = batch[self.input_key].to(self.device)
+        task = batch["task"].to(self.device)
+        slots = batch["label"].to(self.device)
+        if self.num_heads > 1:
+            slots = slots + task * self.num_classes
+        return self.features(x, task), slots
+
+    def trains_nothing(self) -> bool:
+        """A prototype head on a frozen backbone: nothing to train (unless a fine-tuning
+        callback will unfreeze the backbone, which needs the linear head's optimizer)."""
+        if self.prototype_head is None or any(p.requires_grad for p in self.encoder.parameters()):
+            return False
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return not any(isinstance(c, BaseFinetuning) for c in callbacks)
+
     # -- checkpoints ----------------------------------------------------------------------
     def on_train_epoch_end(self) -> None:
         if is_experience_end(self.trainer):  # before the end-of-epoch checkpoint is written
+            self.fit_prototypes(current_experience(self.trainer))  # when no validation ran
             self.adaptation.end_experience()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -172,6 +251,12 @@ class ContinualClassifier(ContinualModule):
         super().on_load_checkpoint(checkpoint)
         self._restore_backbone(checkpoint)
         saved = checkpoint.get("hyper_parameters", {})
+        theirs, ours = _head_spec(saved.get("head")), _head_spec(self.hparams.get("head"))
+        if theirs != ours:
+            raise ConfigError(
+                f"model.head: the checkpoint's model has head {theirs}, this one {ours}; use "
+                "the head the checkpoint was trained with"
+            )
         for key in ("input_shape", "num_classes", "num_tasks"):
             theirs, ours = saved.get(key), self.hparams.get(key)
             if theirs is not None and ours is not None and tuple(_seq(theirs)) != tuple(_seq(ours)):
@@ -189,16 +274,35 @@ class ContinualClassifier(ContinualModule):
         return self.adaptation.run(self.encoder, x, task)
 
     def logits(self, features: Tensor, task: Tensor | None = None) -> Tensor:
-        """Logits of each sample's head, unseen classes masked."""
-        logits = self.head(features)
+        """Logits of each sample's head, unseen classes masked: the prototype head's once it
+        has statistics (classes without any masked too), else the linear head's."""
+        prototypes = self.prototype_head
+        if prototypes is not None and prototypes.ready:
+            return self._select(prototypes(features), task, prototypes.seen)
+        return self._select(self.head(features), task)
+
+    def linear_logits(self, features: Tensor, task: Tensor | None = None) -> Tensor:
+        """The linear head's logits (what cross-entropy trains), unseen classes masked."""
+        return self._select(self.head(features), task)
+
+    def _select(self, logits: Tensor, task: Tensor | None, available: Tensor | None = None):
+        """Each sample's task slice of all heads' ``logits``, masked to the classes seen
+        (and to the ``available`` slots: those with prototype statistics)."""
         if self.num_heads > 1:
             heads = task if task is not None else logits.new_zeros(len(logits), dtype=torch.long)
             logits = logits.view(len(logits), self.num_heads, self.num_classes)
             logits = logits[torch.arange(len(logits), device=logits.device), heads]
             mask = self.class_mask[heads]
+            if available is not None:
+                available = available.view(self.num_heads, self.num_classes)[heads]
         else:
             mask = self.class_mask[0].expand_as(logits)
-        if self.hparams.mask_unseen_classes:
+            if available is not None:
+                available = available.expand_as(logits)
+        masking = self.hparams.mask_unseen_classes
+        if available is not None:
+            mask, masking = (mask & available if masking else available), True
+        if masking:
             mask = mask | ~mask.any(dim=1, keepdim=True)  # a head with nothing seen: no mask
             logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         return logits
@@ -211,7 +315,7 @@ class ContinualClassifier(ContinualModule):
     # -- training -------------------------------------------------------------------------
     def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         features = self.features(batch[self.input_key], batch["task"])
-        logits = self.logits(features, batch["task"])
+        logits = self.linear_logits(features, batch["task"])
         terms = {"ce": F.cross_entropy(logits, batch["label"])}
         return terms, {"logits": logits, "features": features}
 
@@ -244,6 +348,11 @@ class ContinualClassifier(ContinualModule):
             )
         own = self.state_dict()
         checkpoint["state_dict"].update({k: own[k] for k in saved["omitted"]})
+
+
+def _head_spec(spec: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``model.head`` spec with its name (``None`` is the linear head)."""
+    return {"name": LINEAR, **dict(spec or {})}
 
 
 def _seq(value: Any) -> list:

@@ -15,6 +15,7 @@ from pathlib import Path
 from mneme.datamodules.errors import ConfigError, MnemeError
 
 USAGE = """usage: mneme {fit,validate,test,predict} --config CONFIG.yaml [options]
+       mneme fewshot {fit,validate,test} --config CONFIG.yaml [options]
 
 Continual and multimodal learning on PyTorch Lightning.
 
@@ -23,12 +24,18 @@ subcommands:
   validate   evaluate on every test experience
   test       evaluate a checkpoint (--ckpt_path) on the whole test stream
   predict    predict on the test stream
+  fewshot    the same over N-way K-shot episodes (data: EpisodicDataModule): meta-train
+             (ProtoNet, MAML), or few-shot evaluation of a trained checkpoint
+             (FewShotEvaluator, whose own `checkpoint:` needs no --ckpt_path)
 
 `mneme fit --help` lists every option; `mneme fit --config configs/quickstart.yaml
 --print_config` prints the full configuration.
 """
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+FEWSHOT = "fewshot"
+# Few-shot modules that load their trained model themselves (an init argument).
+SELF_LOADING = ("mneme.app.FewShotEvaluator", "mneme.app.fewshot_eval.FewShotEvaluator")
 
 
 # The trainer arguments the experience schedule decides or checks (datamodules/schedule.py).
@@ -65,8 +72,10 @@ class RunInterrupted(MnemeError):
         self.status = status
 
 
-def build_cli(args: list[str] | None = None, run: bool = True):
-    """Build (and by default run) the LightningCLI; ``run=False`` only instantiates."""
+def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = False):
+    """Build (and by default run) the LightningCLI; ``run=False`` only instantiates.
+    ``fewshot``: episodes (``EpisodicDataModule``) and the few-shot report instead of a
+    stream of experiences and its accuracy matrix."""
     from jsonargparse import ArgumentError
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ProgressBar
@@ -76,10 +85,11 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         ContinualMetrics,
         ExperienceCheckpoint,
         ExperienceCost,
+        FewShotMetrics,
         FiniteLossGuard,
         StreamProgressBar,
     )
-    from mneme.datamodules import ContinualDataModule
+    from mneme.datamodules import ContinualDataModule, EpisodicDataModule
 
     class MnemeCLI(LightningCLI):
         def parse_arguments(self, parser, args) -> None:
@@ -95,7 +105,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             subcommand = self.config.get("subcommand")
             if subcommand:
                 config = self.config[subcommand]
-                config["ckpt_path"] = resolve_ckpt_path(subcommand, config)
+                self_loading = config["model"]["class_path"] in SELF_LOADING
+                if not self_loading:
+                    config["ckpt_path"] = resolve_ckpt_path(subcommand, config)
                 checkpoint = check_checkpoint(config.get("ckpt_path"))
                 check_checkpoint_model(checkpoint, config["model"]["class_path"])
                 check_checkpoint_dirpath(subcommand, config)
@@ -116,6 +128,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             return
 
         def add_arguments_to_parser(self, parser) -> None:
+            if fewshot:
+                parser.add_lightning_class_args(FewShotMetrics, "fewshot_metrics")
+                return
             parser.add_lightning_class_args(ContinualMetrics, "metrics")
             parser.add_lightning_class_args(ExperienceCost, "cost")
             parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
@@ -150,6 +165,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             # is unfinished, nor how to resume it.
             try:
                 super()._run_subcommand(subcommand)
+                if fewshot and subcommand == "fit" and not self.trainer.interrupted:
+                    # meta-training ends on the held-out classes' episodes, as the field reports
+                    self.trainer.test(self.model, datamodule=self.datamodule)
             except (SystemExit, KeyboardInterrupt):
                 if not self.trainer.interrupted:
                     raise
@@ -158,13 +176,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
     return MnemeCLI(
         LightningModule,
-        ContinualDataModule,
+        EpisodicDataModule if fewshot else ContinualDataModule,
         subclass_mode_model=True,
         seed_everything_default=0,
         trainer_defaults={
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": "mneme"},
+                "init_args": {"save_dir": "logs", "name": "fewshot" if fewshot else "mneme"},
             },
         },
         parser_kwargs={"exit_on_error": False},
@@ -480,13 +498,19 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
-    if argv[0] not in SUBCOMMANDS:
+    fewshot = argv[0] == FEWSHOT
+    if fewshot:
+        argv = argv[1:]
+        if not argv or argv[0] not in SUBCOMMANDS[:3]:
+            sys.exit("mneme: error: use `mneme fewshot {fit,validate,test} --config X.yaml`")
+    elif argv[0] not in SUBCOMMANDS:
         sys.exit(
-            f"mneme: error: unknown subcommand '{argv[0]}'; use one of {', '.join(SUBCOMMANDS)}"
+            f"mneme: error: unknown subcommand '{argv[0]}'; use one of "
+            f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}"
         )
     quiet_known_noise()
     try:
-        run_cli(args)
+        run_cli(argv, fewshot)
     except RunInterrupted as error:
         rank_zero_error(str(error))
         sys.exit(error.status)
@@ -494,13 +518,13 @@ def main(args: list[str] | None = None) -> None:
         release_claims()
 
 
-def run_cli(args: list[str] | None) -> None:
+def run_cli(args: list[str] | None, fewshot: bool = False) -> None:
     """``build_cli`` with the user's errors as one line (``MNEME_DEBUG=1``: tracebacks)."""
     if debug_mode():
-        build_cli(args)
+        build_cli(args, fewshot=fewshot)
         return
     try:
-        build_cli(args)
+        build_cli(args, fewshot=fewshot)
     except RunInterrupted:
         raise
     except MnemeError as error:
@@ -544,6 +568,8 @@ def quiet_known_noise() -> None:
     # batch norms of a frozen backbone stay in eval mode on purpose (their statistics are the
     # pretrained ones: mneme.app.adaptation.freeze_norm_statistics)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # `mneme fewshot fit ...` hands LightningCLI the arguments after `fewshot`, on purpose
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
 
 

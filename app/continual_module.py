@@ -60,6 +60,7 @@ class ContinualModule(LightningModule):
         self.batch_transforms: dict[str, BatchTransform] = {}
         self.last_loss_terms: dict[str, Tensor] = {}
         self.experience_accuracy: ExperienceAccuracy | None = None
+        self.idle = False  # nothing to train in this fit (see trains_nothing)
 
     # -- extension points -----------------------------------------------------------------
     def add_loss_term(self, name: str, term: LossTerm) -> str:
@@ -82,7 +83,9 @@ class ContinualModule(LightningModule):
     def remove_batch_transform(self, name: str) -> None:
         self.batch_transforms.pop(name, None)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
+        if self.idle:  # nothing trains: no forward, no loss (manual optimization, no step)
+            return None
         for transform in self.batch_transforms.values():
             batch = transform(batch, batch_idx)
         terms, outputs = self.training_terms(batch)
@@ -142,7 +145,20 @@ class ContinualModule(LightningModule):
         every = self.trainer.log_every_n_steps
         return every > 0 and (self.trainer.global_step + 1) % every == 0
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def trains_nothing(self) -> bool:
+        """Whether this fit has nothing to train (e.g. a prototype head on a frozen
+        backbone). Then no optimizer is built and the training step does nothing: the fit
+        only walks the stream, and the module does its work in its epoch hooks."""
+        return False
+
+    def configure_optimizers(self) -> torch.optim.Optimizer | list:
+        self.idle = self.trains_nothing()
+        if self.idle:
+            # Manual optimization with no optimizer: Lightning then neither steps nor
+            # expects a loss (automatic optimization refuses a skipped step under DDP);
+            # an empty list is accepted without the warning ``None`` draws.
+            self.automatic_optimization = False
+            return []
         try:
             return self.optimizer_factory(self.optimizer_parameters())
         except (ValueError, TypeError) as err:  # e.g. torch's "Invalid learning rate: -1.0"

@@ -349,9 +349,17 @@ class EpisodicDataModule(LightningDataModule):
         }
 
     def trainer_settings(self, **user: Any) -> dict[str, Any]:
-        """Trainer arguments episodes need: none (training episodes read the epoch when the
-        loader is iterated, so no reloading is needed)."""
-        return {}
+        """Trainer arguments episodes need: the training loader rebuilt every epoch. A
+        loader iterated right after a resume from an end-of-epoch checkpoint still sees the
+        finished epoch in ``current_epoch``; rebuilt at each epoch start, it reads the
+        running one (the experience schedule's rule, DESIGN.md)."""
+        reload = user.get("reload_dataloaders_every_n_epochs")
+        if reload not in (None, 0, 1):
+            raise ConfigError(
+                f"trainer.reload_dataloaders_every_n_epochs: episodes need 1 (fresh episodes "
+                f"every epoch, right after a resume too), got {reload}; leave it unset"
+            )
+        return {"reload_dataloaders_every_n_epochs": 1}
 
     # -- episodes --------------------------------------------------------------------------
     def meta_batches(
@@ -402,9 +410,10 @@ class EpisodicDataModule(LightningDataModule):
         self.pool  # noqa: B018 - builds the stream and checks the splits and settings
 
     def train_dataloader(self, epoch: int | None = None) -> DataLoader:
-        """Training meta-batches; the epoch is the trainer's when iterated (or ``epoch``)."""
-        batches = self.meta_batches("train")
-        return self._loader(batches, self._epoch if epoch is None else lambda: epoch)
+        """Training meta-batches of the running epoch (or of ``epoch``), read when the loader
+        is built: with ``trainer_settings`` it is built at every epoch start."""
+        epoch = self._epoch() if epoch is None else epoch
+        return self._loader(self.meta_batches("train"), lambda: epoch)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.splits["val"] is None:

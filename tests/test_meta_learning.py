@@ -397,21 +397,17 @@ def test_meta_trains_validates_and_tests_on_the_episodic_datamodule(tmp_path):
     assert [len(m.compute()) for m in model.episode_accuracies] == [3, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EpisodicDataModule reads trainer.current_epoch when its loader is iterated; a run "
-    "resumed from an end-of-epoch checkpoint iterates while it still shows the finished "
-    "epoch and trains that epoch's episodes again (DESIGN.md, 'The experience schedule': "
-    "read fit_loop.epoch_progress.current.processed)",
-)
 def test_resume_on_the_episodic_datamodule_is_bit_identical(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     straight = learner("maml")
-    fit = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[checkpoints])
+    # the datamodule's trainer settings rebuild the loader each epoch (the running epoch's
+    # episodes, right after a resume too)
+    settings = digit_episodes().trainer_settings()
+    fit = trainer(max_epochs=2, enable_checkpointing=True, callbacks=[checkpoints], **settings)
     fit.fit(straight, digit_episodes())
     (first,) = sorted(tmp_path.glob("epoch=0*.ckpt"))
     resumed = learner("maml")
-    trainer(max_epochs=2).fit(resumed, digit_episodes(), ckpt_path=first)
+    trainer(max_epochs=2, **settings).fit(resumed, digit_episodes(), ckpt_path=first)
     a, b = straight.state_dict(), resumed.state_dict()
     for name in a:
         assert torch.equal(a[name], b[name]), name
