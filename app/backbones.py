@@ -127,11 +127,15 @@ def _position_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str:
 
 
 class PretrainedInput(nn.Module):
-    """Samples in ``[0, 1]`` -> the backbone's input: gray repeated to RGB, resized to the
+    """Samples in ``[0, 1]`` (or standardized from there by ``source = (mean, std)``) -> the
+    backbone's input: gray repeated to RGB, resized to the
     data config's ``input_size`` with its interpolation, normalized by its mean and std."""
 
-    def __init__(self, data_config: dict[str, Any]) -> None:
+    def __init__(self, data_config: dict[str, Any], source: Sequence[float] | None = None) -> None:
         super().__init__()
+        # A stream's own standardization (``DeclaredStream.input_normalization``), undone
+        # first: the data config's mean and std are for inputs in [0, 1].
+        self.source = tuple(float(v) for v in source) if source else None
         self.size = tuple(data_config["input_size"][-2:])
         self.mode = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
         mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -141,6 +145,8 @@ class PretrainedInput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
+        if self.source is not None:
+            x = x * self.source[1] + self.source[0]
         if x.shape[1] == 1:
             x = x.expand(-1, self.mean.shape[1], -1, -1)
         if tuple(x.shape[-2:]) != self.size:
@@ -161,6 +167,7 @@ def create_backbone(
     input_size: Sequence[int] | None = None,
     field: str = "model.encoder",
     sep: str = "_",
+    input_normalization: Sequence[float] | None = None,
 ) -> nn.Module:
     """A timm feature extractor (``num_classes=0``) for samples of ``input_shape``, with
     pretrained weights from a local file (``weights``) or a hub tag (``pretrained``: ``True``
@@ -168,6 +175,7 @@ def create_backbone(
     :class:`PretrainedInput` in front. ``backbone.weights_source`` says where the weights
     came from (``None``: random initialization). Errors name ``field + sep + argument``
     (``model.encoder_weights``, or ``model.encoders.image.weights`` with ``sep="."``).
+    ``input_normalization``: the stream's ``(mean, std)`` standardization, undone first.
 
     Models timm publishes no data config for (``mneme_mlp``, ``mneme_cnn``) load a weights
     file as they are and see the stream's samples unchanged."""
@@ -212,7 +220,7 @@ def create_backbone(
     model.reset_classifier(0)
     config = {"input_size": (3, *input_size)} if input_size else {}
     data_config = timm.data.resolve_data_config(config, model=model)
-    model.pretrained_input = PretrainedInput(data_config)
+    model.pretrained_input = PretrainedInput(data_config, input_normalization)
     model.register_forward_pre_hook(model.pretrained_input.pre_hook)
     model.weights_source = source
     return model

@@ -72,6 +72,8 @@ class ContinualClassifier(ContinualModule):
             arguments (``{name: ncm, metric: cosine}``, ``{name: simplecil}``,
             ``{name: ranpac, projection_dim: 5000, ridges: [...], holdout: 0.2}``).
         num_classes, num_tasks, input_shape: read from the datamodule when not given.
+        input_normalization: the ``(mean, std)`` the stream standardized its images with
+            (read from the datamodule's declaration); a pretrained encoder undoes it.
         input_key: the batch key of the input.
 
     Example (YAML)::
@@ -102,6 +104,7 @@ class ContinualClassifier(ContinualModule):
         num_classes: int | None = None,
         num_tasks: int | None = None,
         input_shape: Sequence[int] | None = None,
+        input_normalization: Sequence[float] | None = None,
         input_key: str = "image",
     ) -> None:
         super().__init__(optimizer, reset_optimizer)
@@ -125,8 +128,11 @@ class ContinualClassifier(ContinualModule):
             weights_keys=hp.encoder_weights_keys,
             pretrained=hp.encoder_pretrained,
             input_size=hp.encoder_input_size,
+            input_normalization=hp.input_normalization,
         )
-        self.adaptation = BackboneAdaptation(self.encoder, hp.peft, hp.freeze_encoder, num_tasks)
+        self.adaptation = BackboneAdaptation(
+            self.encoder, hp.peft, hp.freeze_encoder, num_tasks, input_shape
+        )
         freeze_norm_statistics(self.encoder)
         # All heads in one Linear: one matmul, then each sample picks its task's slice.
         width = feature_dim(self.encoder, input_shape)
@@ -148,6 +154,9 @@ class ContinualClassifier(ContinualModule):
         datamodule = self.trainer.datamodule
         if self.encoder is None:
             shape = datamodule.field_shape(self.input_key)
+            if self.hparams.input_normalization is None:
+                norm = getattr(datamodule, "input_normalization", None)
+                self.hparams.update(input_normalization=list(norm) if norm else None)
             self._build(datamodule.num_classes, datamodule.num_tasks, shape)
         self._check_fits(datamodule)
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))

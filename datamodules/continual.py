@@ -195,6 +195,12 @@ class ContinualDataModule(LightningDataModule):
         return None if names is None else list(names)
 
     @property
+    def input_normalization(self) -> tuple[float, float] | None:
+        """The ``(mean, std)`` the stream standardized its images with, if it declares one."""
+        self.scenario  # noqa: B018
+        return self._declared.input_normalization
+
+    @property
     def prompt_templates(self) -> list[str]:
         """The stream's prompt templates (``["{}"]`` unless it declares some)."""
         self.scenario  # noqa: B018

@@ -43,6 +43,9 @@ class DeclaredStream:
     fields: Sequence[str] = AVALANCHE_FIELDS
     class_names: Sequence[str] | None = None
     prompt_templates: Sequence[str] = field(default=("{}",))
+    # (mean, std) the images were standardized with from [0, 1] (None: served in [0, 1]); a
+    # pretrained backbone undoes it before applying its own normalization.
+    input_normalization: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if "label" not in self.fields:

@@ -239,7 +239,8 @@ def SplitMNISTFile(  # noqa: N802
         fixed_class_order,
         class_ids_from_zero_in_each_exp,
     )
-    return DeclaredStream(scenario)  # [image, label, task], as Avalanche's
+    # [image, label, task], as Avalanche's
+    return DeclaredStream(scenario, input_normalization=(MNIST_MEAN, MNIST_STD))
 
 
 @stream
@@ -272,4 +273,5 @@ def PermutedMNISTFile(  # noqa: N802
         class_ids_from_zero_in_each_exp=True,
         one_dataset_per_exp=True,
     )
-    return DeclaredStream(scenario)  # [image, label, task], as Avalanche's
+    # [image, label, task], as Avalanche's
+    return DeclaredStream(scenario, input_normalization=(MNIST_MEAN, MNIST_STD))
