@@ -14,15 +14,13 @@ from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
 from mneme.app.backbones import create_backbone
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import feature_dim
+from mneme.app.param_groups import layer_decay_param_groups
 from mneme.app.prototypes import LINEAR, PrototypeHead, build_head
 from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.schedule import current_experience, is_experience_end
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-
-# Where a checkpoint records the backbone tensors it leaves out, and their source.
-BACKBONE_KEY = "mneme_backbone"
 
 
 class ContinualClassifier(ContinualModule):
@@ -63,6 +61,9 @@ class ContinualClassifier(ContinualModule):
         freeze_encoder: train no weight of the encoder; ``None``: frozen when ``peft`` is set.
         peft: parameter-efficient fine-tuning of the encoder (``{method: lora, r: 4, ...}``);
             see :mod:`mneme.app.adaptation`.
+        layer_decay: per-layer learning-rate decay of the encoder (timm's
+            ``param_groups_layer_decay``: each layer group below the top trains at
+            ``lr * layer_decay**depth``; the head at the optimizer's lr).
         optimizer: optimizer class and arguments (``class_path: torch.optim.SGD``).
         reset_optimizer: clear the optimizer state (momentum, Adam moments) at each
             experience start; Lightning keeps one optimizer for the whole fit.
@@ -96,6 +97,7 @@ class ContinualClassifier(ContinualModule):
         encoder_input_size: Sequence[int] | None = None,
         freeze_encoder: bool | None = None,
         peft: dict[str, Any] | None = None,
+        layer_decay: float | None = None,
         optimizer: OptimizerCallable = torch.optim.Adam,
         reset_optimizer: bool = False,
         mask_unseen_classes: bool = True,
@@ -239,26 +241,10 @@ class ContinualClassifier(ContinualModule):
             self.fit_prototypes(current_experience(self.trainer))  # when no validation ran
             self.adaptation.end_experience()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A backbone frozen as its weights file or tag made it is left out of the
-        checkpoint: only what trained is saved, and a load rebuilds the rest from the same
-        source (``model.encoder_weights`` / ``encoder_pretrained``, checked by digest)."""
-        super().on_save_checkpoint(checkpoint)
-        source = getattr(self.encoder, "weights_source", None)
-        if source is None:
-            return
-        state = checkpoint["state_dict"]
-        omitted = [f"encoder.{n}" for n in self.adaptation.unchanged_tensors()]
-        omitted = [k for k in omitted if k in state]
-        for key in omitted:
-            del state[key]
-        checkpoint[BACKBONE_KEY] = {"source": dict(source), "omitted": omitted}
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of a model made for another stream is refused naming the field,
         before its weights meet this model's shapes."""
         super().on_load_checkpoint(checkpoint)
-        self._restore_backbone(checkpoint)
         saved = checkpoint.get("hyper_parameters", {})
         theirs, ours = _head_spec(saved.get("head")), _head_spec(self.hparams.get("head"))
         if theirs != ours:
@@ -273,6 +259,19 @@ class ContinualClassifier(ContinualModule):
                     f"model.{key}: the checkpoint's model has {key} {theirs}, this stream's "
                     f"is {ours}; use the config (stream) the checkpoint was trained with"
                 )
+
+    def optimizer_parameters(self):
+        """The trainable parameters, in per-layer groups with ``layer_decay``."""
+        if self.hparams.layer_decay is None:
+            return super().optimizer_parameters()
+        if not 0 < self.hparams.layer_decay <= 1:
+            raise ConfigError(
+                f"model.layer_decay: in (0, 1], got {self.hparams.layer_decay} "
+                "(0.65-0.9 is usual for fine-tuning)"
+            )
+        return layer_decay_param_groups(
+            self.encoder, self.head, layer_decay=self.hparams.layer_decay
+        )
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
@@ -336,27 +335,6 @@ class ContinualClassifier(ContinualModule):
         self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
 
     test_step = validation_step
-
-    def _restore_backbone(self, checkpoint: dict[str, Any]) -> None:
-        """Fill in the backbone tensors a checkpoint left out, from this model's own source,
-        which must be the checkpoint's."""
-        saved = checkpoint.get(BACKBONE_KEY)
-        if not saved:
-            return
-        theirs, ours = saved["source"], getattr(self.encoder, "weights_source", None) or {}
-        same = (theirs.get("sha256") or theirs.get("pretrained")) == (
-            ours.get("sha256") or ours.get("pretrained")
-        )
-        if not same:
-            raise ConfigError(
-                f"model.encoder_weights: the checkpoint holds only the trained part of a "
-                f"backbone from {theirs.get('weights') or theirs.get('pretrained')} "
-                f"(sha256 {theirs.get('sha256', '-')[:12]}); this model's backbone comes from "
-                f"{ours.get('weights') or ours.get('pretrained') or 'random weights'}: "
-                "give the weights file (or tag) the run was trained with"
-            )
-        own = self.state_dict()
-        checkpoint["state_dict"].update({k: own[k] for k in saved["omitted"]})
 
 
 def _head_spec(spec: dict[str, Any] | None) -> dict[str, Any]:

@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.adaptation import freeze_norm_statistics
+from mneme.app.backbone_checkpoint import leave_out_unchanged, refill_unchanged
+from mneme.app.param_groups import apply_lr_scale
 from mneme.app.protocols import Batch, BatchTransform, LossTerm
 from mneme.app.run_definition import KEY, check_same_run, run_definition
 from mneme.callbacks.metrics import ExperienceAccuracy
@@ -111,12 +113,16 @@ class ContinualModule(LightningModule):
 
     # -- what defines the run ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Records what defines the run, and leaves out every pretrained backbone's tensors
+        that are still its source's (:mod:`mneme.app.backbone_checkpoint`)."""
         if self._trainer is not None and self.trainer.datamodule is not None:
             checkpoint[KEY] = run_definition(self.trainer)
+        leave_out_unchanged(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume that changes what defines the run is refused (see
         :mod:`mneme.app.run_definition`); evaluating a checkpoint needs only the same stream."""
+        refill_unchanged(self, checkpoint, "model.encoder_weights")
         saved = checkpoint.get(KEY)
         trainer = self._trainer
         if saved is None or trainer is None or trainer.datamodule is None:
@@ -160,7 +166,8 @@ class ContinualModule(LightningModule):
             self.automatic_optimization = False
             return []
         try:
-            return self.optimizer_factory(self.optimizer_parameters())
+            # groups may carry timm's per-layer ``lr_scale`` (layer-wise lr decay)
+            return apply_lr_scale(self.optimizer_factory(self.optimizer_parameters()))
         except (ValueError, TypeError) as err:  # e.g. torch's "Invalid learning rate: -1.0"
             raise ConfigError(f"model.optimizer: {err}") from err
 

@@ -234,3 +234,56 @@ def test_a_weights_file_of_another_architecture_names_its_keys():
     assert "missing keys conv_stem.weight" in message and "unexpected keys _conv_stem" in message
     with pytest.raises(ConfigError, match="set model.encoder_weights_keys: by_position"):
         lite0(encoder_weights=LITE0)  # the right architecture, efficientnet_pytorch's names
+
+
+def test_layer_decay_gives_the_encoder_per_layer_learning_rates(tmp_path):
+    datamodule = ContinualDataModule(**digits_stream(2), batch_size=16)
+    model = ContinualClassifier(
+        encoder="resnet10t",
+        encoder_input_size=[32, 32],
+        layer_decay=0.5,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    trainer = quiet_trainer(datamodule, tmp_path, limit_train_batches=1, limit_val_batches=1)
+    trainer.fit(model, datamodule)
+    groups = trainer.optimizers[0].param_groups
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert lr_of[id(model.head.weight)] == pytest.approx(0.1)
+    stem = model.encoder.conv1[0].weight
+    assert lr_of[id(stem)] < lr_of[id(model.encoder.layer4[0].conv1.weight)] < 0.1
+    assert all("lr_scale" not in g for g in groups)  # applied, not left for timm to reapply
+    with pytest.raises(ConfigError, match="model.layer_decay: in"):
+        ContinualClassifier(
+            layer_decay=2.0, num_classes=2, input_shape=(1, 8, 8)
+        ).optimizer_parameters()
+
+
+@needs_peft
+@needs_lite0
+def test_an_aligner_checkpoint_leaves_out_its_frozen_pretrained_tower(tmp_path):
+    from mneme.app import ContrastiveAligner
+
+    image = {
+        "model": "tf_efficientnet_lite0",
+        "weights": LITE0,
+        "weights_keys": "by_position",
+        "input_size": [64, 64],
+        "peft": LORA,
+    }
+    build = dict(input_shapes={"image": (1, 8, 8), "text": (16,)}, num_classes=10)
+    model = ContrastiveAligner(
+        encoders={"image": image, "text": {"model": "mneme-tiny-clip"}}, **build
+    )
+    checkpoint = {"state_dict": model.state_dict()}
+    model.on_save_checkpoint(checkpoint)
+    kept = checkpoint["state_dict"]
+    tower = "encoders.image.backbone.backbone."
+    assert not any(k.startswith(tower) and "lora_" not in k for k in kept)
+    assert any(k.startswith("encoders.text.") for k in kept)  # random-init tower: all of it
+    fresh = ContrastiveAligner(
+        encoders={"image": image, "text": {"model": "mneme-tiny-clip"}}, **build
+    )
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: every tensor is back
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

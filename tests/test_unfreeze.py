@@ -167,6 +167,7 @@ def test_a_resumed_run_has_unfrozen_exactly_what_an_uninterrupted_one_has(tmp_pa
         assert len(state["param_groups"]) == len(final["groups"]) == 7  # head + 3 x 2
     if weights:
         saved = torch.load(tmp_path / "runs" / "epoch=1.ckpt", weights_only=True)["mneme_backbone"]
+        saved = saved["encoder"]  # per backbone, by module name
         assert "encoder.conv1.0.weight" in saved["omitted"]  # still frozen, refilled on load
         assert not any(k.startswith("encoder.layer4.") for k in saved["omitted"])
 
