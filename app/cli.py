@@ -167,7 +167,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = F
                 super()._run_subcommand(subcommand)
                 if fewshot and subcommand == "fit" and not self.trainer.interrupted:
                     # meta-training ends on the held-out classes' episodes, as the field reports
-                    self.trainer.test(self.model, datamodule=self.datamodule)
+                    self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
             except (SystemExit, KeyboardInterrupt):
                 if not self.trainer.interrupted:
                     raise
