@@ -227,7 +227,11 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {_fmt(r.get('train_seconds'), '{:.0f}')} | {r['wall_seconds']:.0f} "
             f"| {_fmt(memory / 2**20 if memory else None, '{:.0f}')} {kind} |"
         )
-    lines += ["", "Commands (one per row, as the script ran them):", "", "```bash"]
+    lines += [
+        "",
+        "Commands (one per row, as the script ran them; it writes the two /tmp configs from",
+    ]
+    lines += ["`configs/pretrained_lora.yaml`):", "", "```bash"]
     lines += [rows[n]["command"] for n in ORDER if n in rows]
     lines += ["```", "", "Accuracy matrices (row k: after experience k):", "", "```"]
     for name in ORDER:
