@@ -135,7 +135,8 @@ class PretrainedInput(nn.Module):
         super().__init__()
         # A stream's own standardization (``DeclaredStream.input_normalization``), undone
         # first: the data config's mean and std are for inputs in [0, 1].
-        self.source = tuple(float(v) for v in source) if source else None
+        # (mean, std), each a float or one per channel.
+        self.source = None if source is None else [_per_channel(v) for v in source]
         self.size = tuple(data_config["input_size"][-2:])
         self.mode = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
         mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, -1, 1, 1)
@@ -146,7 +147,8 @@ class PretrainedInput(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
         if self.source is not None:
-            x = x * self.source[1] + self.source[0]
+            mean, std = (v.to(x.device) for v in self.source)
+            x = x * std + mean
         if x.shape[1] == 1:
             x = x.expand(-1, self.mean.shape[1], -1, -1)
         if tuple(x.shape[-2:]) != self.size:
@@ -155,6 +157,11 @@ class PretrainedInput(nn.Module):
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple:
         return (self(args[0]), *args[1:])
+
+
+def _per_channel(value: float | Sequence[float]) -> Tensor:
+    values = [value] if isinstance(value, (int, float)) else list(value)
+    return torch.tensor([float(v) for v in values]).view(1, -1, 1, 1)
 
 
 def create_backbone(

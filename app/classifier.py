@@ -74,7 +74,9 @@ class ContinualClassifier(ContinualModule):
             ``{name: ranpac, projection_dim: 5000, ridges: [...], holdout: 0.2}``).
         num_classes, num_tasks, input_shape: read from the datamodule when not given.
         input_normalization: the ``(mean, std)`` the stream standardized its images with
-            (read from the datamodule's declaration); a pretrained encoder undoes it.
+            (floats, or one per channel), read from the datamodule's declaration when not
+            given; a pretrained encoder undoes it (Avalanche's SplitCIFAR100 normalizes with
+            ``[[0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]]``).
         input_key: the batch key of the input.
 
     Example (YAML)::
@@ -106,7 +108,7 @@ class ContinualClassifier(ContinualModule):
         num_classes: int | None = None,
         num_tasks: int | None = None,
         input_shape: Sequence[int] | None = None,
-        input_normalization: Sequence[float] | None = None,
+        input_normalization: Sequence[float | Sequence[float]] | None = None,
         input_key: str = "image",
     ) -> None:
         super().__init__(optimizer, reset_optimizer)

@@ -27,3 +27,11 @@ def test_the_mnist_file_stream_declares_its_standardization():
         benchmark="mneme.datamodules.SplitMNISTFile", benchmark_args={"path": str(MNIST_NPZ)}
     )
     assert datamodule.input_normalization == (0.1307, 0.3081)
+
+
+def test_a_per_channel_standardization_is_undone_per_channel():
+    x = torch.rand(2, 3, 8, 8)
+    mean, std = [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]
+    standardized = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    undone = PretrainedInput(CONFIG, (mean, std))(standardized)
+    assert torch.allclose(undone, PretrainedInput(CONFIG)(x), atol=1e-5)
