@@ -25,9 +25,7 @@ def pretrained_backbones(module: nn.Module) -> dict[str, tuple[nn.Module, Backbo
     found = {}
     for name, backbone in module.named_modules():
         adaptation = getattr(backbone, "adaptation", None)
-        if getattr(backbone, "weights_source", None) and isinstance(
-            adaptation, BackboneAdaptation
-        ):
+        if getattr(backbone, "weights_source", None) and isinstance(adaptation, BackboneAdaptation):
             found[name] = (backbone, adaptation)
     return found
 
