@@ -43,9 +43,11 @@ checkpoint is this module's own argument)::
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -125,7 +127,11 @@ def load_model(path: str) -> LightningModule:
     if checkpoint is None:
         raise ConfigError(f"model.checkpoint: a checkpoint file, got {path!r}")
     cls = _model_class(checkpoint_class_path(checkpoint, path))
-    model = cls.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    # In a context of its own: LightningCLI builds the evaluator inside a context variable
+    # holding the evaluator's hyperparameters, which save_hyperparameters would otherwise
+    # give the loaded model too (and its build fails on a missing ``multi_head``).
+    load = partial(cls.load_from_checkpoint, path, map_location="cpu", weights_only=True)
+    model = contextvars.Context().run(load)
     return model.eval().requires_grad_(False)
 
 

@@ -342,3 +342,16 @@ def test_protonet_trains_and_tests_on_episodic_datamodule(tmp_path):
     rows = reporter.last["results"]
     assert [(r["n_way"], r["k_shot"], r["episodes"]) for r in rows] == [(2, 1, 10), (5, 5, 10)]
     assert all(0 <= r["mean"] <= 1 for r in rows)
+
+
+def test_the_evaluator_loads_its_model_inside_lightning_cli_instantiation(digits):
+    # LightningCLI builds the model inside a context variable holding the model's own
+    # hyperparameters; the nested load must not take them for the classifier's.
+    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters_context
+    from mneme.app import ContinualClassifier, FewShotEvaluator
+
+    path, _, _ = digits
+    with _given_hyperparameters_context({"checkpoint": path}, "mneme.app.FewShotEvaluator"):
+        evaluator = FewShotEvaluator(checkpoint=path)
+    assert isinstance(evaluator.model, ContinualClassifier)
+    assert evaluator.model.hparams.encoder == "mneme_mlp"
