@@ -159,6 +159,22 @@ class PretrainedInput(nn.Module):
         return (self(args[0]), *args[1:])
 
 
+def backbone_from_hparams(hparams: Any, input_shape: Sequence[int], **extra: Any) -> nn.Module:
+    """:func:`create_backbone` from a module's ``encoder*`` hyperparameters (``encoder``,
+    ``encoder_args``, ``encoder_weights``, ``encoder_weights_keys``, ``encoder_pretrained``,
+    ``encoder_input_size``): the names every module that takes a backbone shares."""
+    return create_backbone(
+        hparams.encoder,
+        input_shape,
+        args=hparams.encoder_args,
+        weights=hparams.encoder_weights,
+        weights_keys=hparams.encoder_weights_keys,
+        pretrained=hparams.encoder_pretrained,
+        input_size=hparams.encoder_input_size,
+        **extra,
+    )
+
+
 def _per_channel(value: float | Sequence[float]) -> Tensor:
     values = [value] if isinstance(value, (int, float)) else list(value)
     return torch.tensor([float(v) for v in values]).view(1, -1, 1, 1)

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
-from mneme.app.backbones import create_backbone
+from mneme.app.backbones import backbone_from_hparams
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import feature_dim
 from mneme.app.param_groups import layer_decay_param_groups
@@ -124,15 +124,8 @@ class ContinualClassifier(ContinualModule):
         self.hparams.update(num_classes=num_classes, num_tasks=num_tasks, input_shape=input_shape)
         self.num_heads = num_tasks if (hp.multi_head is None or hp.multi_head) else 1
         self.num_classes = num_classes
-        self.encoder = create_backbone(
-            hp.encoder,
-            input_shape,
-            args=hp.encoder_args,
-            weights=hp.encoder_weights,
-            weights_keys=hp.encoder_weights_keys,
-            pretrained=hp.encoder_pretrained,
-            input_size=hp.encoder_input_size,
-            input_normalization=hp.input_normalization,
+        self.encoder = backbone_from_hparams(
+            hp, input_shape, input_normalization=hp.input_normalization
         )
         self.adaptation = BackboneAdaptation(
             self.encoder, hp.peft, hp.freeze_encoder, num_tasks, input_shape

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.adaptation import freeze_norm_statistics
-from mneme.app.backbones import create_backbone
+from mneme.app.backbones import backbone_from_hparams
 from mneme.app.prototypes import METRICS, class_means, prototype_logits
 from mneme.datamodules.errors import ConfigError
 from torch import Tensor, nn
@@ -142,15 +142,7 @@ class PrototypicalNetwork(LightningModule):
     def _build(self, input_shape: tuple[int, ...]) -> None:
         hp = self.hparams
         self.hparams.update(input_shape=list(input_shape), input_key=self.input_key)
-        self.encoder = create_backbone(
-            hp.encoder,
-            input_shape,
-            args=hp.encoder_args,
-            weights=hp.encoder_weights,
-            weights_keys=hp.encoder_weights_keys,
-            pretrained=hp.encoder_pretrained,
-            input_size=hp.encoder_input_size,
-        )
+        self.encoder = backbone_from_hparams(hp, input_shape)
         if hp.freeze_encoder:
             self.encoder.requires_grad_(False)
             freeze_norm_statistics(self.encoder)
