@@ -47,6 +47,18 @@ class Classifier(StrategyHost, Protocol):
     def forward(self, x: Any, task: Any = None) -> Any: ...
 
 
+class FeatureClassifier(Classifier, Protocol):
+    """A classifier with separate features and logits (``ContinualClassifier``).
+
+    ``features(x, task)``, then ``head(features)`` (raw, every head) or
+    ``linear_logits(features, task)`` (each sample's task slice, what cross-entropy trains).
+    """
+
+    def features(self, x: Any, task: Any = None) -> Any: ...
+
+    def linear_logits(self, features: Any, task: Any = None) -> Any: ...
+
+
 class ZeroShotClassifier(StrategyHost, Protocol):
     """Class logits of ``input_key`` inputs through ``forward`` (a classifier, or an aligner's
     zero-shot head): what a cross-entropy Fisher needs."""

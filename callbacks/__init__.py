@@ -3,6 +3,7 @@
 from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
 from mneme.callbacks.cost import ExperienceCost
+from mneme.callbacks.der import DER
 from mneme.callbacks.embedding_projector import EmbeddingProjector
 from mneme.callbacks.ewc import EWC
 from mneme.callbacks.experience import ExperienceCallback
@@ -20,6 +21,7 @@ __all__ = [
     "FewShotMetrics",
     "EWC",
     "ContinualMetrics",
+    "DER",
     "ExperienceCallback",
     "ExperienceCheckpoint",
     "ExperienceCost",
