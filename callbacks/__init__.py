@@ -11,7 +11,10 @@ from mneme.callbacks.feature_distillation import FeatureDistillation
 from mneme.callbacks.fewshot_metrics import FewShotMetrics
 from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
 from mneme.callbacks.lwf import LwF
+from mneme.callbacks.mmd import MMDAdaptation
 from mneme.callbacks.progress import StreamProgressBar
+from mneme.callbacks.pruning import Pruning
+from mneme.callbacks.quantization import Quantization
 from mneme.callbacks.replay import Replay
 from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 
@@ -28,7 +31,10 @@ __all__ = [
     "FiniteLossGuard",
     "NonFiniteLossError",
     "ProgressiveUnfreezing",
+    "Pruning",
+    "Quantization",
     "LwF",
+    "MMDAdaptation",
     "Replay",
     "StreamProgressBar",
 ]
