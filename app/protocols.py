@@ -80,6 +80,13 @@ class Embedder(StrategyHost, Protocol):
     def class_embeddings(self, text_encoder: Any = None) -> Any: ...
 
 
+class Prunable(Protocol):
+    """A module whose layers :class:`mneme.callbacks.Pruning` finds by name (any
+    ``nn.Module``)."""
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
 class ReportsExperienceAccuracy(Protocol):
     """A module whose ``validation_step``/``test_step`` update ``experience_accuracy`` (an
     :class:`mneme.callbacks.metrics.ExperienceAccuracy`) per test experience."""

@@ -1,0 +1,187 @@
+"""Int8 quantization of a model's ``nn.Linear`` layers with torchao (the export's and the
+:class:`~mneme.callbacks.Quantization` callback's model transform).
+
+torchao, not ``torch.ao.quantization``: the latter (eager ``prepare``/``convert``, FX) is
+deprecated in torch 2.x in favour of torchao, which the pinned torch 2.14 pairs with
+(torchao 0.18). Its CPU int8 paths work on ``nn.Linear`` only (``quantize_`` silently leaves a
+``Conv2d`` in float), so a model is refused when it holds nothing to quantize.
+
+Modes:
+
+- ``ptq_dynamic``: int8 weights (per output channel) and int8 activations quantized per token
+  at run time (``Int8DynamicActivationInt8WeightConfig``).
+- ``ptq_weight_only``: int8 weights, float activations (``Int8WeightOnlyConfig``).
+- ``ptq_static``: int8 weights and int8 activations with a fixed per-layer scale calibrated on
+  ``calibration`` batches (``Int8StaticActivationInt8WeightConfig``; the calibration, the
+  largest absolute input of each layer over the batches, is written here: torchao 0.18 has no
+  observer pass for this config).
+- ``qat``: :func:`prepare_qat` inserts fake quantization (int8 per-token activations, int8
+  per-channel weights) for training; :func:`convert_qat` then swaps it for the
+  ``ptq_dynamic`` int8 kernels.
+
+Example::
+
+    from mneme.app.quantize import quantize_model
+    int8 = quantize_model(model.encoder, "ptq_dynamic")  # a quantized copy
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from mneme.datamodules.errors import ConfigError
+from torch import Tensor, nn
+
+MODES = ("ptq_dynamic", "ptq_weight_only", "ptq_static", "qat")
+
+
+def _linear_filter(exclude: Iterable[str]) -> Callable[[nn.Module, str], bool]:
+    skipped = tuple(exclude)
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and not any(
+            fqn == e or fqn.startswith(e + ".") for e in skipped
+        )
+
+    return keep
+
+
+def check_quantizable(model: nn.Module, field: str = "mode", exclude: Iterable[str] = ()) -> None:
+    """Refuse in one line a model with no ``nn.Linear`` to quantize (naming its layer types)."""
+    keep = _linear_filter(exclude)
+    if not any(keep(m, n) for n, m in model.named_modules()):
+        kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        raise ConfigError(
+            f"Quantization.{field}: torchao's CPU int8 kernels quantize nn.Linear only; "
+            f"{type(model).__name__} has none (its layers: {', '.join(kinds) or 'none'}); "
+            "quantize a model with Linear layers or drop the callback"
+        )
+
+
+def _base_config(mode: str) -> Any:
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    if mode in ("ptq_dynamic", "qat"):
+        return Int8DynamicActivationInt8WeightConfig()
+    if mode == "ptq_weight_only":
+        return Int8WeightOnlyConfig()
+    raise ConfigError(f"Quantization.mode: one of {MODES}, got '{mode}'")
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, keep, calibration: Iterable[Any], run) -> dict[str, Tensor]:
+    """Largest absolute input of each kept Linear over the calibration batches."""
+    amax: dict[str, Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if keep(module, name):
+
+            def hook(mod, args, name=name):
+                value = args[0].detach().abs().amax().float()
+                amax[name] = torch.maximum(amax[name], value) if name in amax else value
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for batch in calibration:
+            run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
+def quantize_model(
+    module: nn.Module,
+    mode: str = "ptq_dynamic",
+    calibration: Iterable[Any] | None = None,
+    run: Callable[[nn.Module, Any], Any] | None = None,
+    exclude: Iterable[str] = (),
+    inplace: bool = False,
+) -> nn.Module:
+    """An int8 copy of ``module`` (``inplace``: ``module`` itself): its ``nn.Linear`` layers,
+    except those named in ``exclude`` (prefixes), quantized by torchao in ``mode``.
+
+    ``ptq_static`` needs ``calibration`` (an iterable of inputs) and calls
+    ``run(model, batch)`` on each (default ``model(batch)``). A ``qat`` model (prepared with
+    :func:`prepare_qat`) is converted. Call it on a model in eval mode for inference.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"Quantization.mode: one of {MODES}, got '{mode}'")
+    from torchao.quantization import quantize_
+
+    model = module if inplace else copy.deepcopy(module)
+    exclude = tuple(exclude)
+    if mode == "qat":
+        return convert_qat(model, exclude)
+    check_quantizable(model, exclude=exclude)
+    keep = _linear_filter(exclude)
+    if mode != "ptq_static":
+        quantize_(model, _base_config(mode), filter_fn=keep)
+        return model
+    if calibration is None:
+        raise ConfigError("Quantization.calibration_batches: ptq_static needs calibration data")
+    from torchao.quantization import Int8StaticActivationInt8WeightConfig
+    from torchao.quantization.granularity import PerRow, PerTensor
+
+    amax = _calibrate(model, keep, calibration, run or (lambda m, b: m(b)))
+    for name, value in amax.items():
+        # One scale per layer, shaped as its 2-D (batch, features) input.
+        scale = (value.clamp_min(1e-8) / 127.0).reshape(1, 1)
+        config = Int8StaticActivationInt8WeightConfig(
+            act_quant_scale=scale, granularity=[PerTensor(), PerRow()]
+        )
+        quantize_(model, config, filter_fn=lambda m, fqn, name=name: fqn == name)
+    return model
+
+
+def prepare_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
+    """Insert int8 fake quantization in ``module``'s ``nn.Linear`` layers, in place
+    (``torchao.quantization.qat``; ``FakeQuantizedLinear`` keeps the weight Parameter)."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    exclude = tuple(exclude)
+    check_quantizable(module, exclude=exclude)
+    # Asymmetric per-token activations: torchao 0.18 fake-quantizes no symmetric per-token.
+    config = QATConfig(
+        activation_config=IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False),
+        weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel"),
+        step="prepare",
+    )
+    quantize_(module, config, filter_fn=_linear_filter(exclude))
+    return module
+
+
+def is_qat_prepared(module: nn.Module) -> bool:
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    return any(isinstance(m, FakeQuantizedLinear) for m in module.modules())
+
+
+def convert_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
+    """Swap the fake quantization of :func:`prepare_qat` for int8 kernels, in place."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    skipped = tuple(exclude)
+
+    def keep(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, FakeQuantizedLinear | nn.Linear) and not any(
+            fqn == e or fqn.startswith(e + ".") for e in skipped
+        )
+
+    quantize_(module, QATConfig(_base_config("qat"), step="convert"), filter_fn=keep)
+    return module
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of ``torch.save(module.state_dict())``: the size of the saved model."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes

@@ -1,0 +1,233 @@
+"""Int8 quantization of a continual model, and its accuracy matrix next to the float one."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from mneme.app.protocols import ZeroShotClassifier, require
+from mneme.app.quantize import (
+    MODES,
+    check_quantizable,
+    convert_qat,
+    is_qat_prepared,
+    prepare_qat,
+    quantize_model,
+)
+from mneme.callbacks.experience import ExperienceCallback
+from mneme.callbacks.metrics import summarize
+from mneme.datamodules.errors import ConfigError
+from torch import nn
+
+STATE_VERSION = 1
+
+
+class Quantization(ExperienceCallback):
+    """Int8 quantization (torchao, :mod:`mneme.app.quantize`) of the module's ``nn.Linear``
+    layers: after each experience a quantized *copy* of the module is evaluated on every
+    test experience, next to the float model, so the accuracy cost of quantization per
+    experience is visible; ``qat`` also trains with fake quantization.
+
+    - ``ptq_dynamic`` / ``ptq_weight_only`` / ``ptq_static``: post-training; the float model
+      trains untouched (``ptq_static`` calibrates on ``calibration_batches`` training batches
+      of the experience just finished).
+    - ``qat``: fake quantization inserted in ``setup`` (``prepare``), so every experience
+      trains through it; the copy evaluated is converted to int8 kernels, and with
+      ``convert_at_end`` the module itself is converted at the end of ``fit``.
+
+    Writes ``<log_dir>/quantized_metrics.json`` (``float`` and ``quantized`` accuracy
+    matrices with their summaries, by :func:`mneme.callbacks.metrics.summarize`) and logs
+    ``quantized/acc_exp<j>``, ``quantized/average_accuracy``, ``float/average_accuracy`` (step
+    = experience). Each rank evaluates the full test experiences (the copy is not wrapped by
+    DDP), so every rank holds the same matrix; rank 0 writes it.
+
+    Args:
+        mode: ``ptq_dynamic``, ``ptq_weight_only``, ``ptq_static`` or ``qat``.
+        exclude: names (prefixes) of submodules left in float, e.g. ``[head]``.
+        calibration_batches: batches of training data for ``ptq_static``.
+        every_experience: evaluate after each experience (``False``: at the end of fit only).
+        convert_at_end: ``qat``: convert the module to int8 at the end of ``fit``.
+        batch_size: evaluation batch size; default the datamodule's.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mneme.callbacks.Quantization
+              init_args: {mode: qat}
+    """
+
+    def __init__(
+        self,
+        mode: Literal["ptq_dynamic", "ptq_weight_only", "ptq_static", "qat"] = "ptq_dynamic",
+        exclude: list[str] | None = None,
+        calibration_batches: int = 8,
+        every_experience: bool = True,
+        convert_at_end: bool = True,
+        batch_size: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"Quantization.mode: one of {MODES}, got '{mode}'")
+        if calibration_batches < 1:
+            raise ConfigError(
+                f"Quantization.calibration_batches: must be at least 1, got {calibration_batches}"
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"Quantization.batch_size: must be at least 1, got {batch_size}")
+        self.mode = mode
+        self.exclude = list(exclude or [])
+        self.calibration_batches = calibration_batches
+        self.every_experience = every_experience
+        self.convert_at_end = convert_at_end
+        self.batch_size = batch_size
+        self.float_rows: list[list[float]] = []
+        self.quantized_rows: list[list[float]] = []
+        self.experiences: list[int] = []
+
+    # -- hooks ----------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        require(pl_module, ZeroShotClassifier, "Quantization")
+        check_quantizable(pl_module, exclude=self.exclude)
+        # Before the optimizer is built and the checkpoint restored: a resumed run has the
+        # same FakeQuantizedLinear layers (same state_dict keys) as the one that saved it.
+        if self.mode == "qat" and stage == "fit" and not is_qat_prepared(pl_module):
+            prepare_qat(pl_module, self.exclude)
+
+    def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        last = experience == trainer.datamodule.num_experiences - 1
+        if experience in self.experiences or not (self.every_experience or last):
+            return
+        self.evaluate(trainer, pl_module, experience)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.mode == "qat" and self.convert_at_end and is_qat_prepared(pl_module):
+            pl_module.eval()
+            convert_qat(pl_module, self.exclude)
+
+    # -- evaluation -----------------------------------------------------------------------
+    def quantized_copy(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        """The module's int8 copy: the trainer reference and the extension points are not
+        copied (the loss terms are bound to other callbacks)."""
+        trainer_ref = pl_module._trainer
+        extension = {k: pl_module.__dict__[k] for k in _EXTENSION_ATTRS if k in pl_module.__dict__}
+        pl_module._trainer = None
+        pl_module.__dict__.update({k: {} for k in extension})
+        try:
+            calibration = None
+            if self.mode == "ptq_static":
+                calibration = self._calibration(trainer, pl_module, experience)
+            model = quantize_model(
+                pl_module.eval(),
+                self.mode,
+                calibration=calibration,
+                run=lambda m, b: m(b[pl_module.input_key], b.get("task")),
+                exclude=self.exclude,
+            )
+        finally:
+            pl_module._trainer = trainer_ref
+            pl_module.__dict__.update(extension)
+        return model.eval()
+
+    def _calibration(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        data = trainer.datamodule.train_experiences[experience]
+        out = []
+        for i, batch in enumerate(data.batches(self._batch_size(trainer))):
+            if i >= self.calibration_batches:
+                break
+            out.append({k: v.to(pl_module.device) for k, v in batch.items()})
+        return out
+
+    def _batch_size(self, trainer: Trainer) -> int:
+        return self.batch_size or getattr(trainer.datamodule, "batch_size", 256)
+
+    @torch.no_grad()
+    def accuracies(self, trainer: Trainer, model: nn.Module, device: torch.device) -> list[float]:
+        """Accuracy of ``model`` on every test experience."""
+        out = []
+        for data in trainer.datamodule.test_experiences:
+            correct = total = 0
+            for batch in data.batches(self._batch_size(trainer)):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = model(batch[model.input_key], batch.get("task"))
+                correct += int((logits.argmax(-1) == batch["label"]).sum())
+                total += len(batch["label"])
+            out.append(correct / max(total, 1))
+        return out
+
+    def evaluate(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> None:
+        """Evaluate float and int8 on every test experience; record, log and write the rows."""
+        was_training = pl_module.training
+        quantized = self.quantized_copy(trainer, pl_module, experience)
+        pl_module.eval()
+        try:
+            self.float_rows.append(self.accuracies(trainer, pl_module, pl_module.device))
+            self.quantized_rows.append(self.accuracies(trainer, quantized, pl_module.device))
+        finally:
+            pl_module.train(was_training)
+        self.experiences.append(experience)
+        summary = self.summary()
+        metrics = {f"quantized/acc_exp{j}": a for j, a in enumerate(self.quantized_rows[-1])}
+        metrics["quantized/average_accuracy"] = summary["quantized"]["average_accuracy"]
+        metrics["float/average_accuracy"] = summary["float"]["average_accuracy"]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=experience)
+        self._write(trainer, summary)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "experiences": list(self.experiences),
+            "float": {"rows": self.float_rows, **_summary(self.float_rows)},
+            "quantized": {"rows": self.quantized_rows, **_summary(self.quantized_rows)},
+        }
+
+    @rank_zero_only
+    def _write(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        log_dir = trainer.log_dir
+        if log_dir is None:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        with open(os.path.join(log_dir, "quantized_metrics.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "experiences": list(self.experiences),
+            "float_rows": [list(r) for r in self.float_rows],
+            "quantized_rows": [list(r) for r in self.quantized_rows],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["mode"] != self.mode:
+            raise ConfigError(
+                f"Quantization.mode: the checkpoint is mode '{state_dict['mode']}', "
+                f"not '{self.mode}'; resume with the same mode"
+            )
+        self.experiences = list(state_dict["experiences"])
+        self.float_rows = [list(r) for r in state_dict["float_rows"]]
+        self.quantized_rows = [list(r) for r in state_dict["quantized_rows"]]
+
+
+# The module's registered extension points: closures over other callbacks, not copied.
+_EXTENSION_ATTRS = ("loss_terms", "batch_transforms", "last_loss_terms")
+
+
+def _summary(rows: list[list[float]]) -> dict[str, Any]:
+    if not rows:
+        return {}
+    # A matrix over the experiences evaluated (all of them unless every_experience=False).
+    square = rows if len(rows) == len(rows[0]) else None
+    if square is None:
+        return {"average_accuracy": sum(rows[-1]) / len(rows[-1])}
+    return {k: v for k, v in summarize(square, None).items() if not isinstance(v, list)}

@@ -1,0 +1,166 @@
+"""Pruning callback: sparsity reached, masks kept through training and a resume, plain end."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from mneme.app import ContinualClassifier
+from mneme.callbacks import ContinualMetrics, Pruning
+from mneme.callbacks.pruning import cubic_sparsity
+from mneme.datamodules import ConfigError, ContinualDataModule
+from torch import nn
+from torch.nn.utils import prune
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+
+
+def model(hidden=(32,)) -> ContinualClassifier:
+    seed_everything(0)
+    return ContinualClassifier(  # built now: the sklearn digits' shape and classes
+        encoder="mneme_mlp",
+        encoder_args={"hidden": list(hidden)},
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    )
+
+
+def fit(*callbacks, ckpt_dir: Path | None = None, ckpt_path=None, net=None):
+    net = net or model()
+    data = ContinualDataModule(
+        benchmark="mneme.datamodules.SplitDigits",
+        benchmark_args={"n_experiences": 5},
+        batch_size=64,
+    )
+    extra = []
+    if ckpt_dir is not None:
+        extra.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True
+            )
+        )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=ckpt_dir is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ContinualMetrics(print_table=False), *callbacks, *extra],
+        **data.trainer_settings(),
+    )
+    trainer.fit(net, data, ckpt_path=ckpt_path)
+    return trainer, net
+
+
+def linears(net) -> dict[str, nn.Linear]:
+    out = {n: m for n, m in net.named_modules() if isinstance(m, nn.Linear) and "head" not in n}
+    assert out
+    return out
+
+
+def test_cubic_schedule():
+    assert cubic_sparsity(0.8, 0, 4) == 0.0
+    assert cubic_sparsity(0.8, 4, 4) == pytest.approx(0.8)
+    assert cubic_sparsity(0.8, 2, 4) == pytest.approx(0.8 * (1 - 0.5**3))
+    p = Pruning(amount=0.9, schedule="cubic", start_experience=1)
+    assert [p.target(k, 5) for k in range(5)] == [
+        None,
+        pytest.approx(0.9 * (1 - (2 / 3) ** 3)),
+        pytest.approx(0.9 * (1 - (1 / 3) ** 3)),
+        pytest.approx(0.9),
+        None,
+    ]
+    assert [Pruning(amount=0.5).target(k, 3) for k in range(3)] == [0.5, None, None]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scope": "global"},
+        {"scope": "layer"},
+        {"method": "structured", "dim": 0},
+    ],
+)
+def test_masks_reach_the_sparsity(kwargs):
+    net = model(hidden=(24, 16))
+    p = Pruning(amount=0.5, **kwargs)
+    p.prune_to(net, 0.3)
+    p.prune_to(net, 0.5)  # a second step prunes among the survivors only
+    layers = linears(net)
+    total = sum(m.weight.numel() for m in layers.values())
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    if kwargs.get("scope") == "global":
+        assert zeros == round(0.5 * total)  # over all layers together
+    for name, m in layers.items():
+        if kwargs.get("method") == "structured":  # whole output rows, per layer
+            rows = m.weight.eq(0).all(1)
+            assert int(rows.sum()) == round(0.5 * m.weight.shape[0]), name
+        elif kwargs.get("scope") == "layer":
+            assert int((m.weight == 0).sum()) == round(0.5 * m.weight.numel()), name
+        assert torch.equal(m.weight_orig == 0, m.weight_mask == 0)  # zeroed under the mask
+    assert set(p.masks) == set(layers)
+    assert p.report(net)["prune/sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_pruned_weights_stay_zero_and_fit_ends_plain():
+    p = Pruning(amount=0.6, schedule="one_shot", start_experience=0)
+    _, net = fit(p)
+    layers = linears(net)
+    # prune.remove at the end: plain parameters, no torch-prune keys, the zeros kept.
+    keys = net.state_dict().keys()
+    assert not [k for k in keys if k.endswith(("weight_orig", "weight_mask"))]
+    assert not any(prune.is_pruned(m) for m in layers.values())
+    for name, m in layers.items():
+        assert isinstance(m.weight, nn.Parameter)
+        # Four experiences trained after the step: the pruned weights are still exactly zero.
+        assert bool((m.weight[~p.masks[name]] == 0).all()), name
+    assert p.report(net)["prune/sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_kill_and_resume_gives_the_same_masks(tmp_path):
+    def pruning():
+        return Pruning(amount=0.8, schedule="cubic", scope="global")  # steps at exp 0..3
+
+    full, _ = fit(pruning(), ckpt_dir=tmp_path / "a")
+    reference = next(c for c in full.callbacks if isinstance(c, Pruning))
+    (mid,) = (tmp_path / "a").glob("epoch=0-*.ckpt")  # after experience 0's step
+    saved = torch.load(mid, weights_only=True)
+    assert not [k for k in saved["state_dict"] if k.endswith(("weight_orig", "weight_mask"))]
+    state = next(v for k, v in saved["callbacks"].items() if k.startswith("Pruning"))
+    assert state["steps_done"] == [0]
+    assert state["sparsity"] == pytest.approx(0.8 * (1 - 0.75**3))
+
+    resumed_trainer, net = fit(pruning(), ckpt_path=mid)
+    resumed = next(c for c in resumed_trainer.callbacks if isinstance(c, Pruning))
+    assert resumed.steps_done == reference.steps_done == [0, 1, 2, 3]
+    assert set(resumed.masks) == set(reference.masks)
+    for name, mask in reference.masks.items():
+        assert torch.equal(resumed.masks[name], mask), name
+    assert resumed.report(net) == pytest.approx(reference.report(full.lightning_module))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"amount": 1.0}, "Pruning.amount"),
+        ({"amount": -0.1}, "Pruning.amount"),
+        ({"schedule": "linear"}, "Pruning.schedule"),
+        ({"method": "random"}, "Pruning.method"),
+        ({"layer_types": ["LSTM"]}, "Pruning.layer_types"),
+        ({"end_experience": 0, "start_experience": 1}, "Pruning.end_experience"),
+    ],
+)
+def test_bad_arguments(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        Pruning(**kwargs)
+
+
+def test_structured_on_a_layer_without_that_dim():
+    with pytest.raises(ConfigError, match=r"Pruning\.dim: .*has a 2-D weight, no dim 2"):
+        Pruning(method="structured", dim=2)._check(linears(model()))
