@@ -1,0 +1,140 @@
+"""Quantization: torchao int8 copies close to float, the accuracy matrices, QAT, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from mneme.app import ContinualClassifier
+from mneme.app.quantize import prepare_qat, quantize_model, state_dict_bytes
+from mneme.callbacks import Quantization
+from mneme.datamodules import ConfigError, ContinualDataModule
+from torch import nn
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*is smaller than the logging interval.*")
+warnings.filterwarnings("ignore", ".*overridden `transfer_batch_to_device`.*")
+
+# int8 with per-channel weight scales and per-token (dynamic) or per-layer (static)
+# activation scales rounds each operand to 1/254 of its range: on these 3-layer MLPs the
+# logits move by well under 5% of their spread, and the predicted class almost never changes.
+RELATIVE_TOLERANCE = 0.05
+AGREEMENT = 0.97
+
+
+def model() -> ContinualClassifier:
+    seed_everything(0)
+    return ContinualClassifier(
+        encoder="mneme_mlp",
+        encoder_args={"hidden": [32]},
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    )
+
+
+def fit(callback: Quantization, tmp_path=None):
+    net = model()
+    data = ContinualDataModule(
+        benchmark="mneme.datamodules.SplitDigits",
+        benchmark_args={"n_experiences": 2},
+        batch_size=64,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **data.trainer_settings(),
+    )
+    trainer.fit(net, data)
+    return trainer, net, data
+
+
+@pytest.mark.parametrize("mode", ["ptq_dynamic", "ptq_weight_only", "ptq_static"])
+def test_quantized_outputs_close_to_float(mode):
+    seed_everything(0)
+    net = nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)
+    )
+    x = torch.randn(512, 64)
+    with torch.no_grad():
+        ref = net(x)
+        q = quantize_model(net, mode, calibration=[x[:256]]).eval()
+        out = q(x)
+    assert type(q[0].weight).__name__ == "Int8Tensor"
+    assert isinstance(net[0].weight, nn.Parameter)  # a copy: the float model is untouched
+    spread = ref.max() - ref.min()
+    assert float((out - ref).abs().max()) < RELATIVE_TOLERANCE * float(spread)
+    assert float((out.argmax(1) == ref.argmax(1)).float().mean()) >= AGREEMENT
+    assert state_dict_bytes(q) < state_dict_bytes(net) / 2  # int8 weights: about 1/4
+
+
+def test_ptq_accuracy_matrix_next_to_float(tmp_path):
+    callback = Quantization(mode="ptq_dynamic")
+    trainer, net, _ = fit(callback, tmp_path)
+    summary = callback.summary()
+    assert callback.experiences == [0, 1]
+    f, q = summary["float"]["rows"], summary["quantized"]["rows"]
+    assert len(f) == len(q) == 2 and all(len(r) == 2 for r in f + q)
+    for fr, qr in zip(f, q, strict=True):
+        for a, b in zip(fr, qr, strict=True):
+            assert abs(a - b) <= 0.05
+    assert "forgetting" in summary["quantized"]
+    assert all(isinstance(p, nn.Parameter) for p in net.parameters())  # float model kept
+    written = json.loads((tmp_path / "quantized_metrics.json").read_text())
+    assert written["quantized"]["rows"] == q and written["mode"] == "ptq_dynamic"
+    state = callback.state_dict()
+    other = Quantization(mode="ptq_dynamic")
+    other.load_state_dict(state)
+    assert other.quantized_rows == q
+    with pytest.raises(ConfigError, match="Quantization.mode"):
+        Quantization(mode="qat").load_state_dict(state)
+
+
+def test_qat_trains_and_converts():
+    callback = Quantization(mode="qat")
+    _, net, data = fit(callback)
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m.weight).__name__ == "Int8Tensor" for m in linears)
+    # Trained through the fake quantization: the int8 copy knows the last experience's
+    # two digits (chance is 0.1 over the 10), as well as the fake-quantized float model.
+    assert callback.quantized_rows[-1][-1] > 0.3
+    assert abs(callback.quantized_rows[-1][-1] - callback.float_rows[-1][-1]) <= 0.05
+    batch = next(data.test_experiences[0].batches(16))
+    with torch.no_grad():
+        assert net(batch["image"]).shape == (16, 10)
+
+
+def test_prepare_qat_inserts_fake_quantization():
+    net = nn.Sequential(nn.Linear(8, 4))
+    prepare_qat(net)
+    assert type(net[0]).__name__ == "FakeQuantizedLinear"
+    net(torch.randn(3, 8)).sum().backward()
+    assert net[0].weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"mode": "int4"}, "Quantization.mode"),
+        ({"calibration_batches": 0}, "Quantization.calibration_batches"),
+        ({"batch_size": 0}, "Quantization.batch_size"),
+    ],
+)
+def test_bad_arguments(kwargs, field):
+    with pytest.raises(ConfigError, match=field):
+        Quantization(**kwargs)
+
+
+def test_a_model_without_linear_layers_is_refused():
+    with pytest.raises(ConfigError, match=r"Quantization.mode: .*nn.Linear only.*Conv2d"):
+        quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "ptq_dynamic")
+    with pytest.raises(ConfigError, match="Quantization.calibration_batches"):
+        quantize_model(nn.Linear(2, 2), "ptq_static")
