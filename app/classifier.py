@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from mneme.app.adaptation import BackboneAdaptation, freeze_norm_statistics
+from mneme.app.attacks import soft_cross_entropy
 from mneme.app.backbones import backbone_from_hparams
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import feature_dim
@@ -21,6 +22,10 @@ from mneme.datamodules.errors import ConfigError
 from mneme.datamodules.schedule import current_experience, is_experience_end
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+# A batch key of soft targets (rows summing to 1 over num_classes), trained on instead of
+# ``label`` when present: see mneme.callbacks.augmentation.MixUp.
+SOFT_LABEL = "soft_label"
 
 
 class ContinualClassifier(ContinualModule):
@@ -319,7 +324,10 @@ class ContinualClassifier(ContinualModule):
     def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         features = self.features(batch[self.input_key], batch["task"])
         logits = self.linear_logits(features, batch["task"])
-        terms = {"ce": F.cross_entropy(logits, batch["label"])}
+        if SOFT_LABEL in batch:  # soft targets (MixUp/CutMix, label smoothing)
+            terms = {"ce": soft_cross_entropy(logits, batch[SOFT_LABEL])}
+        else:
+            terms = {"ce": F.cross_entropy(logits, batch["label"])}
         return terms, {"logits": logits, "features": features}
 
     # -- evaluation -----------------------------------------------------------------------

@@ -68,6 +68,13 @@ class ZeroShotClassifier(StrategyHost, Protocol):
     def forward(self, x: Any, task: Any = None) -> Any: ...
 
 
+class SoftTargetClassifier(StrategyHost, Protocol):
+    """A classifier over ``num_classes`` classes that trains on ``batch["soft_label"]`` when
+    the batch carries it (:class:`mneme.app.ContinualClassifier`): what MixUp needs."""
+
+    num_classes: int
+
+
 class Embedder(StrategyHost, Protocol):
     """Per-modality encoders into one space, with class-prompt embeddings
     (:class:`mneme.app.ContrastiveAligner`)."""

@@ -1,5 +1,7 @@
 """Continual-learning strategies and dashboards as Lightning callbacks."""
 
+from mneme.callbacks.adversarial import AdversarialTraining, RobustAccuracy
+from mneme.callbacks.augmentation import InputNoise, MixUp
 from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
 from mneme.callbacks.cost import ExperienceCost
@@ -19,6 +21,10 @@ from mneme.callbacks.replay import Replay
 from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 
 __all__ = [
+    "AdversarialTraining",
+    "InputNoise",
+    "MixUp",
+    "RobustAccuracy",
     "EmbeddingProjector",
     "FeatureDistillation",
     "FewShotMetrics",

@@ -19,6 +19,10 @@ Batch = dict[str, Tensor]
 # 2: one buffer per rank (``ranks``), gathered when the checkpoint is written.
 STATE_VERSION = 2
 _MASK64 = (1 << 64) - 1
+# The batch key Replay records the number of current (not replayed) rows under, a 0-d long
+# tensor: rows ``[:batch[CURRENT_ROWS]]`` are the stream's, the rest replayed. Batch
+# transforms after Replay (e.g. MixUp with ``apply_to: current``) read it.
+CURRENT_ROWS = "current_rows"
 
 
 def derive_seed(*keys: int) -> int:
@@ -188,7 +192,7 @@ class Replay(ExperienceCallback):
         """Append ``replay_batch_size`` buffer samples to ``batch`` (every key)."""
         if not len(self):
             return batch
-        missing = set(batch) - set(self.buffer)
+        missing = set(batch) - set(self.buffer) - {CURRENT_ROWS}
         if missing:
             raise ConfigError(
                 f"Replay: the batch has keys {sorted(missing)} that the buffer lacks "
@@ -206,7 +210,10 @@ class Replay(ExperienceCallback):
         index = index.to(device, non_blocking=True)
         out = {}
         for key, value in batch.items():
-            out[key] = torch.cat([value, self.buffer[key].index_select(0, index).to(value)])
+            if key != CURRENT_ROWS:
+                out[key] = torch.cat([value, self.buffer[key].index_select(0, index).to(value)])
+        current = len(next(iter(batch.values())))
+        out[CURRENT_ROWS] = batch.get(CURRENT_ROWS, torch.tensor(current))
         return out
 
     # -- hooks ----------------------------------------------------------------------------
