@@ -248,6 +248,9 @@ class Pruning(ExperienceCallback):
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require(pl_module, Prunable, "Pruning")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The module has built its layers in its own `setup`, which runs after this one's.
         self._check(self.layers(pl_module))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

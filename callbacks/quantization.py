@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from typing import Any, Literal
@@ -35,7 +36,7 @@ class Quantization(ExperienceCallback):
     - ``ptq_dynamic`` / ``ptq_weight_only`` / ``ptq_static``: post-training; the float model
       trains untouched (``ptq_static`` calibrates on ``calibration_batches`` training batches
       of the experience just finished).
-    - ``qat``: fake quantization inserted in ``setup`` (``prepare``), so every experience
+    - ``qat``: fake quantization inserted in ``on_fit_start`` (``prepare``), so every experience
       trains through it; the copy evaluated is converted to int8 kernels, and with
       ``convert_at_end`` the module itself is converted at the end of ``fit``.
 
@@ -91,10 +92,13 @@ class Quantization(ExperienceCallback):
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require(pl_module, ZeroShotClassifier, "Quantization")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The module has built its layers in its own `setup` (after this callback's). The
+        # fake quantizers keep each Linear's Parameters and state_dict keys, so the optimizer
+        # (already built) and a restored checkpoint's weights stay as they are.
         check_quantizable(pl_module, exclude=self.exclude)
-        # Before the optimizer is built and the checkpoint restored: a resumed run has the
-        # same FakeQuantizedLinear layers (same state_dict keys) as the one that saved it.
-        if self.mode == "qat" and stage == "fit" and not is_qat_prepared(pl_module):
+        if self.mode == "qat" and not is_qat_prepared(pl_module):
             prepare_qat(pl_module, self.exclude)
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
@@ -110,26 +114,25 @@ class Quantization(ExperienceCallback):
 
     # -- evaluation -----------------------------------------------------------------------
     def quantized_copy(self, trainer: Trainer, pl_module: LightningModule, experience: int):
-        """The module's int8 copy: the trainer reference and the extension points are not
-        copied (the loss terms are bound to other callbacks)."""
-        trainer_ref = pl_module._trainer
-        extension = {k: pl_module.__dict__[k] for k in _EXTENSION_ATTRS if k in pl_module.__dict__}
-        pl_module._trainer = None
-        pl_module.__dict__.update({k: {} for k in extension})
-        try:
-            calibration = None
-            if self.mode == "ptq_static":
-                calibration = self._calibration(trainer, pl_module, experience)
-            model = quantize_model(
-                pl_module.eval(),
-                self.mode,
-                calibration=calibration,
-                run=lambda m, b: m(b[pl_module.input_key], b.get("task")),
-                exclude=self.exclude,
-            )
-        finally:
-            pl_module._trainer = trainer_ref
-            pl_module.__dict__.update(extension)
+        """The module's int8 copy: a shallow copy of the module (its trainer, hooks and
+        registered extension points shared, never called) whose submodules are deep copies,
+        quantized in place; the module itself is untouched."""
+        shell = copy.copy(pl_module)
+        shell._modules = {k: copy.deepcopy(v) for k, v in pl_module._modules.items()}
+        shell._parameters = dict(pl_module._parameters)
+        shell._buffers = dict(pl_module._buffers)
+        calibration = None
+        if self.mode == "ptq_static":
+            calibration = self._calibration(trainer, pl_module, experience)
+        shell.eval()
+        model = quantize_model(
+            shell,
+            self.mode,
+            calibration=calibration,
+            run=lambda m, b: m(b[pl_module.input_key], b.get("task")),
+            exclude=self.exclude,
+            inplace=True,
+        )
         return model.eval()
 
     def _calibration(self, trainer: Trainer, pl_module: LightningModule, experience: int):
@@ -217,10 +220,6 @@ class Quantization(ExperienceCallback):
         self.experiences = list(state_dict["experiences"])
         self.float_rows = [list(r) for r in state_dict["float_rows"]]
         self.quantized_rows = [list(r) for r in state_dict["quantized_rows"]]
-
-
-# The module's registered extension points: closures over other callbacks, not copied.
-_EXTENSION_ATTRS = ("loss_terms", "batch_transforms", "last_loss_terms")
 
 
 def _summary(rows: list[list[float]]) -> dict[str, Any]:

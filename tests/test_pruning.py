@@ -31,8 +31,18 @@ def model(hidden=(32,)) -> ContinualClassifier:
     )
 
 
+def lazy_model() -> ContinualClassifier:
+    """Built in its own ``setup``, after the callbacks' (as under the CLI)."""
+    seed_everything(0)
+    return ContinualClassifier(
+        encoder="mneme_mlp",
+        encoder_args={"hidden": [32]},
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+    )
+
+
 def fit(*callbacks, ckpt_dir: Path | None = None, ckpt_path=None, net=None):
-    net = net or model()
+    net = net or lazy_model()
     data = ContinualDataModule(
         benchmark="mneme.datamodules.SplitDigits",
         benchmark_args={"n_experiences": 5},

@@ -26,12 +26,11 @@ AGREEMENT = 0.97
 
 
 def model() -> ContinualClassifier:
+    """Built in its own ``setup``, after the callbacks' (as under the CLI)."""
     seed_everything(0)
     return ContinualClassifier(
         encoder="mneme_mlp",
         encoder_args={"hidden": [32]},
-        num_classes=10,
-        input_shape=(1, 8, 8),
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
     )
 
@@ -76,8 +75,9 @@ def test_quantized_outputs_close_to_float(mode):
     assert state_dict_bytes(q) < state_dict_bytes(net) / 2  # int8 weights: about 1/4
 
 
-def test_ptq_accuracy_matrix_next_to_float(tmp_path):
-    callback = Quantization(mode="ptq_dynamic")
+@pytest.mark.parametrize("mode", ["ptq_dynamic", "ptq_static"])
+def test_ptq_accuracy_matrix_next_to_float(tmp_path, mode):
+    callback = Quantization(mode=mode, calibration_batches=2)
     trainer, net, _ = fit(callback, tmp_path)
     summary = callback.summary()
     assert callback.experiences == [0, 1]
@@ -89,9 +89,9 @@ def test_ptq_accuracy_matrix_next_to_float(tmp_path):
     assert "forgetting" in summary["quantized"]
     assert all(isinstance(p, nn.Parameter) for p in net.parameters())  # float model kept
     written = json.loads((tmp_path / "quantized_metrics.json").read_text())
-    assert written["quantized"]["rows"] == q and written["mode"] == "ptq_dynamic"
+    assert written["quantized"]["rows"] == q and written["mode"] == mode
     state = callback.state_dict()
-    other = Quantization(mode="ptq_dynamic")
+    other = Quantization(mode=mode)
     other.load_state_dict(state)
     assert other.quantized_rows == q
     with pytest.raises(ConfigError, match="Quantization.mode"):
