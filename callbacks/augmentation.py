@@ -14,6 +14,8 @@ state to checkpoint.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -60,7 +62,9 @@ class _BatchAugmentation(Callback):
         trainer = self._trainer
         rank = trainer.global_rank if trainer is not None else 0
         step = trainer.global_step if trainer is not None else 0
-        return derive_seed(run_seed(self.seed), rank, step, batch_idx, hash(self.name) & 0xFFFF)
+        return derive_seed(
+            run_seed(self.seed), rank, step, batch_idx, zlib.crc32(self.name.encode())
+        )
 
     def augment(self, batch: Batch, batch_idx: int = 0) -> Batch:
         raise NotImplementedError
