@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ContinualMetrics, Pruning
 from mneme.callbacks.pruning import cubic_sparsity
@@ -41,7 +42,7 @@ def lazy_model() -> ContinualClassifier:
     )
 
 
-def fit(*callbacks, ckpt_dir: Path | None = None, ckpt_path=None, net=None):
+def fit(*callbacks, ckpt_dir: Path | None = None, ckpt_path=None, net=None, logger=False):
     net = net or lazy_model()
     data = ContinualDataModule(
         benchmark="mneme.datamodules.SplitDigits",
@@ -57,7 +58,7 @@ def fit(*callbacks, ckpt_dir: Path | None = None, ckpt_path=None, net=None):
         )
     trainer = Trainer(
         accelerator="cpu",
-        logger=False,
+        logger=logger,
         enable_checkpointing=ckpt_dir is not None,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -118,9 +119,11 @@ def test_masks_reach_the_sparsity(kwargs):
     assert p.report(net)["prune/sparsity"] == pytest.approx(0.5, abs=0.02)
 
 
-def test_pruned_weights_stay_zero_and_fit_ends_plain():
+def test_pruned_weights_stay_zero_and_fit_ends_plain(tmp_path):
     p = Pruning(amount=0.6, schedule="one_shot", start_experience=0)
-    _, net = fit(p)
+    _, net = fit(p, logger=CSVLogger(tmp_path))
+    logged = (next(tmp_path.rglob("metrics.csv"))).read_text().splitlines()[0].split(",")
+    assert {"prune/sparsity", *(f"prune/{n}" for n in linears(net))} <= set(logged)
     layers = linears(net)
     # prune.remove at the end: plain parameters, no torch-prune keys, the zeros kept.
     keys = net.state_dict().keys()

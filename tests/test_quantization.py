@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
 from mneme.app.quantize import prepare_qat, quantize_model, state_dict_bytes
 from mneme.callbacks import Quantization
@@ -35,7 +37,7 @@ def model() -> ContinualClassifier:
     )
 
 
-def fit(callback: Quantization, tmp_path=None):
+def fit(callback: Quantization, tmp_path=None, logger=False):
     net = model()
     data = ContinualDataModule(
         benchmark="mneme.datamodules.SplitDigits",
@@ -44,7 +46,7 @@ def fit(callback: Quantization, tmp_path=None):
     )
     trainer = Trainer(
         accelerator="cpu",
-        logger=False,
+        logger=logger,
         default_root_dir=tmp_path,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -78,7 +80,11 @@ def test_quantized_outputs_close_to_float(mode):
 @pytest.mark.parametrize("mode", ["ptq_dynamic", "ptq_static"])
 def test_ptq_accuracy_matrix_next_to_float(tmp_path, mode):
     callback = Quantization(mode=mode, calibration_batches=2)
-    trainer, net, _ = fit(callback, tmp_path)
+    trainer, net, _ = fit(callback, tmp_path, CSVLogger(tmp_path / "csv"))
+    logged = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert {"quantized/acc_exp0", "quantized/average_accuracy", "float/average_accuracy"} <= set(
+        logged.split(",")
+    )
     summary = callback.summary()
     assert callback.experiences == [0, 1]
     f, q = summary["float"]["rows"], summary["quantized"]["rows"]
@@ -88,7 +94,7 @@ def test_ptq_accuracy_matrix_next_to_float(tmp_path, mode):
             assert abs(a - b) <= 0.05
     assert "forgetting" in summary["quantized"]
     assert all(isinstance(p, nn.Parameter) for p in net.parameters())  # float model kept
-    written = json.loads((tmp_path / "quantized_metrics.json").read_text())
+    written = json.loads((Path(trainer.log_dir) / "quantized_metrics.json").read_text())
     assert written["quantized"]["rows"] == q and written["mode"] == mode
     state = callback.state_dict()
     other = Quantization(mode=mode)
