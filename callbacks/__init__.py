@@ -18,6 +18,7 @@ from mneme.callbacks.progress import StreamProgressBar
 from mneme.callbacks.pruning import Pruning
 from mneme.callbacks.quantization import Quantization
 from mneme.callbacks.replay import Replay
+from mneme.callbacks.teacher_distillation import TeacherDistillation
 from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 
 __all__ = [
@@ -43,4 +44,5 @@ __all__ = [
     "MMDAdaptation",
     "Replay",
     "StreamProgressBar",
+    "TeacherDistillation",
 ]
