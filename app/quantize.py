@@ -106,13 +106,15 @@ def quantize_model(
 
     ``ptq_static`` needs ``calibration`` (an iterable of inputs) and calls
     ``run(model, batch)`` on each (default ``model(batch)``). A ``qat`` model (prepared with
-    :func:`prepare_qat`) is converted. Call it on a model in eval mode for inference.
+    :func:`prepare_qat`) is converted. Pruning masks (torch prune) are made permanent
+    first. Call it on a model in eval mode for inference.
     """
     if mode not in MODES:
         raise ConfigError(f"Quantization.mode: one of {MODES}, got '{mode}'")
     from torchao.quantization import quantize_
 
-    model = module if inplace else copy.deepcopy(module)
+    model = module if inplace else copy.deepcopy(detach_pruned_weights(module))
+    remove_pruning(model)
     exclude = tuple(exclude)
     if mode == "qat":
         return convert_qat(model, exclude)
@@ -135,6 +137,32 @@ def quantize_model(
         )
         quantize_(model, config, filter_fn=lambda m, fqn, name=name: fqn == name)
     return model
+
+
+@torch.no_grad()
+def detach_pruned_weights(module: nn.Module) -> nn.Module:
+    """Recompute each torch-prune masked weight (``orig * mask``) without autograd history:
+    a masked weight computed in a grad-enabled forward is no graph leaf, which
+    ``copy.deepcopy`` refuses. Same values; the next forward recomputes it as before."""
+    from torch.nn.utils import prune
+
+    for m in module.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(m, hook._tensor_name, hook.apply_mask(m))
+    return module
+
+
+def remove_pruning(module: nn.Module) -> nn.Module:
+    """``prune.remove`` every torch-prune parametrization in ``module``, in place: the masked
+    weights become plain Parameters (zeros kept), which quantizers and exporters need."""
+    from torch.nn.utils import prune
+
+    for m in module.modules():
+        for hook in list(m._forward_pre_hooks.values()):
+            if isinstance(hook, prune.BasePruningMethod):
+                prune.remove(m, hook._tensor_name)
+    return module
 
 
 def prepare_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:

@@ -15,6 +15,7 @@ from mneme.app.quantize import (
     MODES,
     check_quantizable,
     convert_qat,
+    detach_pruned_weights,
     is_qat_prepared,
     prepare_qat,
     quantize_model,
@@ -118,6 +119,8 @@ class Quantization(ExperienceCallback):
         registered extension points shared, never called) whose submodules are deep copies,
         quantized in place; the module itself is untouched."""
         shell = copy.copy(pl_module)
+        # Deep copies of the submodules, pruning masks and all (made permanent in the copy).
+        detach_pruned_weights(pl_module)
         shell._modules = {k: copy.deepcopy(v) for k, v in pl_module._modules.items()}
         shell._parameters = dict(pl_module._parameters)
         shell._buffers = dict(pl_module._buffers)

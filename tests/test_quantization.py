@@ -144,3 +144,43 @@ def test_a_model_without_linear_layers_is_refused():
         quantize_model(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), "ptq_dynamic")
     with pytest.raises(ConfigError, match="Quantization.calibration_batches"):
         quantize_model(nn.Linear(2, 2), "ptq_static")
+
+
+def test_a_pruned_model_quantizes_with_its_zeros():
+    from torch.nn.utils import prune
+
+    net = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)
+    q = quantize_model(net, "ptq_weight_only")
+    assert prune.is_pruned(net) and not prune.is_pruned(q)  # the original keeps its masks
+    assert int((q[0].weight.dequantize() == 0).sum()) >= 64
+
+
+def test_quantization_of_a_model_being_pruned():
+    from mneme.callbacks import Pruning
+
+    quantization = Quantization(mode="ptq_dynamic")
+    _, net, _ = fit_with(Pruning(amount=0.5), quantization)
+    assert len(quantization.quantized_rows) == 2
+    for fr, qr in zip(quantization.float_rows, quantization.quantized_rows, strict=True):
+        assert max(abs(a - b) for a, b in zip(fr, qr, strict=True)) <= 0.05
+
+
+def fit_with(*callbacks):
+    net = model()
+    data = ContinualDataModule(
+        benchmark="mneme.datamodules.SplitDigits",
+        benchmark_args={"n_experiences": 2},
+        batch_size=64,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **data.trainer_settings(),
+    )
+    trainer.fit(net, data)
+    return trainer, net, data
