@@ -16,6 +16,7 @@ from mneme.datamodules.errors import ConfigError, MnemeError
 
 USAGE = """usage: mneme {fit,validate,test,predict} --config CONFIG.yaml [options]
        mneme fewshot {fit,validate,test} --config CONFIG.yaml [options]
+       mneme export --config CONFIG.yaml --ckpt_path CKPT --format {torch.export,onnx}
 
 Continual and multimodal learning on PyTorch Lightning.
 
@@ -27,6 +28,8 @@ subcommands:
   fewshot    the same over N-way K-shot episodes (data: EpisodicDataModule): meta-train
              (ProtoNet, MAML), or few-shot evaluation of a trained checkpoint
              (FewShotEvaluator, whose own `checkpoint:` needs no --ckpt_path)
+  export     write a trained classifier as a torch.export program (.pt2) or ONNX, with
+             a JSON sidecar of its preprocessing (LoRA merged, pruning made permanent)
 
 `mneme fit --help` lists every option; `mneme fit --config configs/quickstart.yaml
 --print_config` prints the full configuration.
@@ -498,6 +501,15 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
+    if argv[0] == "export":  # imports torch/onnx only when asked
+        from mneme.app.export import main as export_main
+
+        quiet_known_noise()
+        try:
+            export_main(argv[1:])
+        finally:
+            release_claims()
+        return
     fewshot = argv[0] == FEWSHOT
     if fewshot:
         argv = argv[1:]
@@ -506,7 +518,7 @@ def main(args: list[str] | None = None) -> None:
     elif argv[0] not in SUBCOMMANDS:
         sys.exit(
             f"mneme: error: unknown subcommand '{argv[0]}'; use one of "
-            f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}"
+            f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}, export"
         )
     quiet_known_noise()
     try:
