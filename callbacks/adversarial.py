@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.attacks import check_attack, classification_loss, pgd
 from mneme.app.protocols import Batch, ZeroShotClassifier, require
-from mneme.callbacks.augmentation import APPLY_TO, SOFT_LABEL, current_rows
+from mneme.callbacks.augmentation import APPLY_TO, SOFT_LABEL, check_current_rows, current_rows
 from mneme.callbacks.continual_metrics import _write_json
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.metrics import summarize
@@ -134,6 +134,8 @@ class AdversarialTraining(ExperienceCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer, self._module = trainer, pl_module
         require(pl_module, ZeroShotClassifier, "AdversarialTraining")
+        if self.apply_to == "current":
+            check_current_rows(trainer, "AdversarialTraining")
         self._transform = pl_module.add_batch_transform("adversarial", self.perturb)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -5,7 +5,8 @@ which runs in the order of ``trainer.callbacks``: put it **after** ``Replay`` an
 replayed rows are in the batch when it runs. ``apply_to: all`` (the default) augments them
 as the current ones; ``apply_to: current`` leaves them as they are, reading the number of
 current rows Replay records under ``batch["current_rows"]``
-(:data:`mneme.callbacks.replay.CURRENT_ROWS`; without it every row is current).
+(:data:`mneme.callbacks.replay.CURRENT_ROWS`, with Replay's ``mark_current_rows: true``,
+which ``apply_to: current`` asks for).
 
 Randomness is stateless, as Replay's: a step's draw comes from ``(seed, rank, global_step,
 batch_idx)``, so a resumed run augments exactly as an uninterrupted one and there is no RNG
@@ -29,6 +30,18 @@ from timm.data.mixup import mixup_target
 APPLY_TO = ("all", "current")
 # The batch key of soft targets the classifier trains on (ContinualClassifier's SOFT_LABEL).
 SOFT_LABEL = "soft_label"
+
+
+def check_current_rows(trainer: Trainer, who: str) -> None:
+    """``apply_to: current`` needs every Replay to mark the current rows."""
+    from mneme.callbacks.replay import Replay
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, Replay) and not callback.mark_current_rows:
+            raise ConfigError(
+                f"Replay.mark_current_rows: set it true for {who}.apply_to: current (or use "
+                "apply_to: all), so the replayed rows can be told apart"
+            )
 
 
 def current_rows(batch: Batch) -> int:
@@ -72,6 +85,8 @@ class _BatchAugmentation(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
         require(pl_module, self.protocol, type(self).__name__)
+        if self.apply_to == "current":
+            check_current_rows(trainer, type(self).__name__)
         self._transform = pl_module.add_batch_transform(self.name, self.augment)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -19,9 +19,10 @@ Batch = dict[str, Tensor]
 # 2: one buffer per rank (``ranks``), gathered when the checkpoint is written.
 STATE_VERSION = 2
 _MASK64 = (1 << 64) - 1
-# The batch key Replay records the number of current (not replayed) rows under, a 0-d long
-# tensor: rows ``[:batch[CURRENT_ROWS]]`` are the stream's, the rest replayed. Batch
-# transforms after Replay (e.g. MixUp with ``apply_to: current``) read it.
+# The batch key Replay records the number of current (not replayed) rows under, with
+# ``mark_current_rows: true``, a 0-d long tensor: rows ``[:batch[CURRENT_ROWS]]`` are the
+# stream's, the rest replayed. Batch transforms after Replay (e.g. MixUp with ``apply_to:
+# current``) read it.
 CURRENT_ROWS = "current_rows"
 
 
@@ -84,6 +85,8 @@ class Replay(ExperienceCallback):
         label_key: the batch key of the class label (for ``class_balanced``).
         seed: base seed of the buffer weights and replay draws; default the run's
             (``seed_everything``).
+        mark_current_rows: record the number of current rows under ``batch["current_rows"]``
+            (:data:`CURRENT_ROWS`), for transforms that treat replayed rows apart.
 
     Example (YAML)::
 
@@ -101,6 +104,7 @@ class Replay(ExperienceCallback):
         buffer_device: str | None = None,
         label_key: str = "label",
         seed: int | None = None,
+        mark_current_rows: bool = False,
     ) -> None:
         if buffer_size < 1:
             raise ConfigError(f"Replay.buffer_size: must be at least 1, got {buffer_size}")
@@ -120,6 +124,7 @@ class Replay(ExperienceCallback):
         self.buffer_device = buffer_device
         self.label_key = label_key
         self.seed = seed
+        self.mark_current_rows = mark_current_rows
         self.buffer: Batch = {}
         self.weights = torch.zeros(0)
         self.experiences: list[int] = []
@@ -212,8 +217,9 @@ class Replay(ExperienceCallback):
         for key, value in batch.items():
             if key != CURRENT_ROWS:
                 out[key] = torch.cat([value, self.buffer[key].index_select(0, index).to(value)])
-        current = len(next(iter(batch.values())))
-        out[CURRENT_ROWS] = batch.get(CURRENT_ROWS, torch.tensor(current))
+        if self.mark_current_rows or CURRENT_ROWS in batch:
+            current = len(next(iter(batch.values())))
+            out[CURRENT_ROWS] = batch.get(CURRENT_ROWS, torch.tensor(current))
         return out
 
     # -- hooks ----------------------------------------------------------------------------

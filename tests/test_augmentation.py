@@ -51,7 +51,7 @@ def test_replay_rows_mixed_or_not_per_apply_to():
 
 
 def test_replay_records_current_rows():
-    replay = Replay(buffer_size=10)
+    replay = Replay(buffer_size=10, mark_current_rows=True)
     replay.update(tiny_data(10), 0)
     out = replay.replay(tiny_data(4, seed=1))
     assert int(out[CURRENT_ROWS]) == 4 and len(out["image"]) == 8
@@ -96,3 +96,11 @@ def test_soft_labels_train_the_classifier_with_masked_classes():
 def test_bad_inputs(make, field):
     with pytest.raises(ConfigError, match=field):
         make()
+
+
+def test_apply_to_current_needs_replay_to_mark_rows():
+    class FakeTrainer:
+        callbacks = [Replay(buffer_size=10)]
+
+    with pytest.raises(ConfigError, match="Replay.mark_current_rows"):
+        MixUp(apply_to="current").setup(FakeTrainer(), tiny_model(), "fit")
