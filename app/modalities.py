@@ -318,9 +318,14 @@ class LogMelAudio(nn.Module):
         shape = (1, n_mels, self.frontend.frames(int(input_shape[0])))
         self.backbone = create_encoder(model, shape, weights=weights, **(args or {}))
         self.out_dim = feature_dim(self.backbone, shape)
+        # Extension point: a transform of the log-mel (N, 1, n_mels, frames) between the front
+        # end and the backbone; identity unless a strategy sets it (mneme.callbacks.SpecAugment
+        # puts its masks here, which act only in training mode). No parameters: checkpoints
+        # are the same either way.
+        self.feature_transform: nn.Module = nn.Identity()
 
     def forward(self, wave: Tensor) -> Tensor:
-        return self.backbone(self.frontend(wave))
+        return self.backbone(self.feature_transform(self.frontend(wave)))
 
 
 # -- the registry and the shared projection ---------------------------------------------------

@@ -1,7 +1,7 @@
 """Continual-learning strategies and dashboards as Lightning callbacks."""
 
 from mneme.callbacks.adversarial import AdversarialTraining, RobustAccuracy
-from mneme.callbacks.augmentation import InputNoise, MixUp
+from mneme.callbacks.augmentation import InputNoise, MixUp, SpecAugment
 from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
 from mneme.callbacks.cost import ExperienceCost
@@ -26,6 +26,7 @@ __all__ = [
     "InputNoise",
     "MixUp",
     "RobustAccuracy",
+    "SpecAugment",
     "EmbeddingProjector",
     "FeatureDistillation",
     "FewShotMetrics",

@@ -104,3 +104,122 @@ def test_apply_to_current_needs_replay_to_mark_rows():
 
     with pytest.raises(ConfigError, match="Replay.mark_current_rows"):
         MixUp(apply_to="current").setup(FakeTrainer(), tiny_model(), "fit")
+
+
+# -- SpecAugment: masks on the audio encoder's log-mel ----------------------------------------
+def test_mask_along_axis_zeroes_bands_within_width_on_the_first_rows():
+    from mneme.callbacks.augmentation import mask_along_axis
+
+    spec = torch.randn(6, 1, 20, 30) + 5.0  # no exact zeros
+    g = torch.Generator().manual_seed(0)
+    out = mask_along_axis(spec, 2, count=1, max_width=4, rows=4, generator=g)
+    assert torch.equal(out[4:], spec[4:])  # rows past `rows` untouched
+    zero_bins = (out[:4, 0] == 0).all(dim=2)  # (4, n_mels): whole frequency bins masked
+    assert ((out[:4, 0] == 0) == zero_bins.unsqueeze(-1)).all()  # masks are whole bins
+    widths = zero_bins.sum(1)
+    assert widths.max() <= 4 and widths.sum() > 0
+    for row in zero_bins:  # one band: its masked bins are contiguous
+        idx = row.nonzero().squeeze(1)
+        assert len(idx) == 0 or idx[-1] - idx[0] + 1 == len(idx)
+    g = torch.Generator().manual_seed(0)
+    again = mask_along_axis(spec, 2, count=1, max_width=4, rows=4, generator=g)
+    assert torch.equal(again, out)
+    t = mask_along_axis(spec, 3, 2, 30, 6, torch.Generator().manual_seed(1))
+    assert ((t[:, 0] == 0).all(dim=1).sum(1) <= 60).all() and (t == 0).any()
+
+
+def tiny_audio_aligner():
+    from mneme.app.aligner import ContrastiveAligner
+
+    torch.manual_seed(0)
+    audio = {"model": "mneme_cnn", "args": {"widths": [4, 8]}, "n_mels": 16, "hop_length": 64}
+    module = ContrastiveAligner(
+        encoders={"audio": audio, "text": {}},
+        pairs=[["audio", "text"]],
+        zero_shot_modality="audio",
+        embed_dim=8,
+        input_shapes={"audio": (1600,), "text": (16,)},
+        num_classes=3,
+    )
+    module.set_prompts(["zero", "one", "two"], ["a {}"])
+    return module
+
+
+def audio_batch(n: int = 6, current: int | None = None) -> dict:
+    g = torch.Generator().manual_seed(0)
+    b = {
+        "audio": (torch.randn(n, 1600, generator=g) * 3000).to(torch.int16),
+        "text": torch.randint(1, 50, (n, 16), generator=g),
+        "label": torch.arange(n) % 3,
+    }
+    if current is not None:
+        b[CURRENT_ROWS] = torch.tensor(current)
+    return b
+
+
+def spectrograms(module, wave) -> torch.Tensor:
+    """The log-mel the audio backbone receives (after the feature transform)."""
+    seen = []
+    host = module.encoders["audio"].backbone
+    handle = host.backbone.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    module.encoders["audio"](wave)
+    handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("apply_to", ["all", "current"])
+def test_spec_augment_masks_training_log_mels_only(apply_to):
+    import copy
+
+    from mneme.callbacks import SpecAugment
+
+    module = tiny_audio_aligner().train()
+    aug = SpecAugment(freq_masks=2, freq_width=4, time_masks=2, time_width=5, apply_to=apply_to)
+    aug.on_fit_start(None, module)
+    b = audio_batch(6, current=4)
+    clean = module.encoders["audio"].backbone.frontend(b["audio"])
+    assert torch.equal(spectrograms(module, b["audio"]), clean)  # not armed yet: identity
+    out = aug.augment(b, 0)
+    assert out is b  # the batch is unchanged: the masks act inside the encoder
+    masked = spectrograms(module, b["audio"])
+    rows = 6 if apply_to == "all" else 4
+    assert not torch.equal(masked[:rows], clean[:rows])
+    assert torch.equal(masked[rows:], clean[rows:])  # replayed clips kept with `current`
+    changed = masked != clean
+    assert (masked[changed] == 0).all()  # masked bins take the clip mean, 0
+    torch.testing.assert_close(spectrograms(module, b["audio"]), masked)  # same step, same
+    # a gradient flows through the masked input; eval mode and a deep-copied teacher in
+    # eval mode see the clean log-mel
+    module.encoders["audio"](b["audio"]).sum().backward()
+    assert all(p.grad is not None for p in module.encoders["audio"].backbone.parameters())
+    teacher = copy.deepcopy(module.encoders).eval()
+    assert torch.equal(teacher["audio"].backbone.feature_transform(clean), clean)
+    module.eval()
+    assert torch.equal(spectrograms(module, b["audio"]), clean)
+    aug.teardown(None, module, "fit")
+    assert isinstance(module.encoders["audio"].backbone.feature_transform, torch.nn.Identity)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"freq_masks": -1}, "SpecAugment.freq_masks"),
+        ({"time_width": 2.5}, "SpecAugment.time_width"),
+        ({"freq_masks": 0, "time_masks": 0}, "SpecAugment.freq_masks"),
+        ({"apply_to": "replayed"}, "SpecAugment.apply_to"),
+    ],
+)
+def test_spec_augment_bad_inputs(kwargs, field):
+    from mneme.callbacks import SpecAugment
+
+    with pytest.raises(ConfigError, match=field):
+        SpecAugment(**kwargs)
+
+
+def test_spec_augment_needs_a_log_mel_encoder():
+    from mneme.callbacks import SpecAugment
+
+    with pytest.raises(ConfigError, match="SpecAugment.input_key: .*no log-mel encoder"):
+        SpecAugment().on_fit_start(None, tiny_model())
+    with pytest.raises(ConfigError, match="SpecAugment.input_key"):
+        SpecAugment(input_key="speech").on_fit_start(None, tiny_audio_aligner())
