@@ -172,8 +172,10 @@ class RobustAccuracy(ExperienceCallback):
     """The robust accuracy matrix ``R_adv[k, j]``: accuracy on test experience ``j`` under
     the attack, after training experience ``k``, next to ContinualMetrics' clean one, with
     the same summary (average, forgetting, BWT: :func:`mneme.callbacks.metrics.summarize`),
-    so robustness forgetting shows. Written to ``<log_dir>/robust_metrics.json`` and logged
-    as ``robust/acc_exp<j>`` and ``robust/<figure>`` (step = experience).
+    so robustness forgetting shows. Written to ``<log_dir>/<name>_metrics.json`` and logged
+    as ``<name>/acc_exp<j>`` and ``<name>/<figure>`` (step = experience; ``name`` defaults
+    to ``robust``, then ``robust_2``, ... for further unnamed ones). Several attacks (FGSM
+    beside PGD-10, two radii) are several callbacks, each with its own ``name``.
 
     Evaluated at each experience end on the stream's validation loaders; under DDP each rank
     attacks every ``world_size``-th batch and the counts are summed across ranks.
@@ -182,7 +184,8 @@ class RobustAccuracy(ExperienceCallback):
     ``(seed, experience, j, batch)``.
 
     Args: as :class:`AdversarialTraining` (``eps``, ``steps``, ``step_size``, ``norm``,
-    ``random_start``, ``normalization``, ``input_key``, ``seed``), and ``max_batches``.
+    ``random_start``, ``normalization``, ``input_key``, ``seed``), ``max_batches``, and
+    ``name`` (the metrics' prefix and file name).
 
     Example (YAML; PGD-10 at eps 0.1)::
 
@@ -205,17 +208,42 @@ class RobustAccuracy(ExperienceCallback):
         max_batches: int | None = None,
         input_key: str = "image",
         seed: int | None = None,
+        name: str | None = None,
     ) -> None:
         self.attack = _Attack(
             "RobustAccuracy", eps, steps, step_size, norm, random_start, normalization
         )
         if max_batches is not None and max_batches < 1:
             raise ConfigError(f"RobustAccuracy.max_batches: at least 1, got {max_batches}")
+        if name is not None and not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(
+                f"RobustAccuracy.name: letters, digits, '_' or '-' (a file name), got {name!r}"
+            )
         self.max_batches, self.input_key, self.seed = max_batches, input_key, seed
+        self.name = name
+        self.prefix = name or "robust"  # resolved in setup when several are unnamed
         self.rows: list[list[float]] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require(pl_module, ZeroShotClassifier, "RobustAccuracy")
+        # Two evaluations under one name would overwrite each other's file and scalars: an
+        # explicit name twice is refused; unnamed ones are robust, robust_2, ... in order.
+        others = [c for c in trainer.callbacks if isinstance(c, RobustAccuracy)]
+        names = [c.name for c in others]
+        if self.name is not None and names.count(self.name) > 1:
+            raise ConfigError(
+                f"RobustAccuracy.name: {names.count(self.name)} RobustAccuracy callbacks are "
+                f"named '{self.name}'; give each its own name (e.g. name: robust_fgsm)"
+            )
+        if self.name is None:
+            unnamed = [c for c in others if c.name is None]
+            k = next(i for i, c in enumerate(unnamed) if c is self)
+            self.prefix = "robust" if k == 0 else f"robust_{k + 1}"
+            if self.prefix in names:
+                raise ConfigError(
+                    f"RobustAccuracy.name: '{self.prefix}' is both given and derived for an "
+                    "unnamed RobustAccuracy; name every RobustAccuracy callback"
+                )
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, experience: int) -> list:
         """Robust accuracy on each test experience (NaN for an empty one)."""
@@ -251,20 +279,24 @@ class RobustAccuracy(ExperienceCallback):
         del self.rows[experience:]
         self.rows.append(row)
         summary = summarize(self.rows)
-        scalars = {f"robust/acc_exp{j}": a for j, a in enumerate(row) if not math.isnan(a)}
+        name = self.prefix
+        scalars = {f"{name}/acc_exp{j}": a for j, a in enumerate(row) if not math.isnan(a)}
         for key in ("average_accuracy", "forgetting", "bwt"):
             if summary.get(key) is not None:
-                scalars[f"robust/{key}"] = summary[key]
+                scalars[f"{name}/{key}"] = summary[key]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=experience)
-        _write_json(trainer, "robust_metrics.json", {"attack": self.attack.settings(), **summary})
+        record = {"attack": self.attack.settings(), **summary}
+        _write_json(trainer, f"{name}_metrics.json", record)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.rows)
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**self.attack.settings())
+        if self.name is None:  # the key checkpoints written before `name` existed carry
+            return self._generate_state_key(**self.attack.settings())
+        return self._generate_state_key(name=self.name, **self.attack.settings())
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "rows": [list(r) for r in self.rows]}
