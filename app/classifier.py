@@ -15,11 +15,16 @@ from mneme.app.attacks import soft_cross_entropy
 from mneme.app.backbones import backbone_from_hparams
 from mneme.app.continual_module import Batch, ContinualModule
 from mneme.app.encoders import feature_dim
+from mneme.app.moe import MoEHead, add_balance_term, build_moe_head, is_moe, moe_param_groups
 from mneme.app.param_groups import layer_decay_param_groups
 from mneme.app.prototypes import LINEAR, PrototypeHead, build_head
 from mneme.callbacks.metrics import ExperienceAccuracy
 from mneme.datamodules.errors import ConfigError
-from mneme.datamodules.schedule import current_experience, is_experience_end
+from mneme.datamodules.schedule import (
+    current_experience,
+    is_experience_end,
+    is_experience_start,
+)
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -138,10 +143,12 @@ class ContinualClassifier(ContinualModule):
         freeze_norm_statistics(self.encoder)
         # All heads in one Linear: one matmul, then each sample picks its task's slice.
         width = feature_dim(self.encoder, input_shape)
-        self.head = nn.Linear(width, self.num_heads * num_classes)
+        moe = is_moe(hp.head)  # {name: moe}: routed expert MLPs instead (mneme.app.moe)
+        slots = self.num_heads * num_classes
+        self.head = build_moe_head(hp.head, width, slots) if moe else nn.Linear(width, slots)
         # Prototype statistics over the same slots: task * num_classes + label.
-        self.prototype_head: PrototypeHead | None = build_head(
-            hp.head, self.num_heads * num_classes, width
+        self.prototype_head: PrototypeHead | None = (
+            None if moe else build_head(hp.head, self.num_heads * num_classes, width)
         )
         if self.prototype_head is not None:
             # Equal on every process by construction (summed across them): DDP need not
@@ -162,6 +169,8 @@ class ContinualClassifier(ContinualModule):
             self._build(datamodule.num_classes, datamodule.num_tasks, shape)
         self._check_fits(datamodule)
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
+        if isinstance(self.head, MoEHead):
+            add_balance_term(self, self.head)
 
     def _check_fits(self, datamodule) -> None:
         """A model built for another stream (a config or checkpoint made for other data)
@@ -236,10 +245,19 @@ class ContinualClassifier(ContinualModule):
         return not any(isinstance(c, BaseFinetuning) for c in callbacks)
 
     # -- checkpoints ----------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.head, MoEHead):  # a new experience's experts, before its first step
+            trainer = self.trainer
+            first = is_experience_start(trainer)
+            self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
+        super().on_train_epoch_start()
+
     def on_train_epoch_end(self) -> None:
         if is_experience_end(self.trainer):  # before the end-of-epoch checkpoint is written
             self.fit_prototypes(current_experience(self.trainer))  # when no validation ran
             self.adaptation.end_experience()
+            if isinstance(self.head, MoEHead):
+                self.head.log_routing(self.trainer.loggers, current_experience(self.trainer))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of a model made for another stream is refused naming the field,
@@ -259,19 +277,23 @@ class ContinualClassifier(ContinualModule):
                     f"model.{key}: the checkpoint's model has {key} {theirs}, this stream's "
                     f"is {ours}; use the config (stream) the checkpoint was trained with"
                 )
+        if isinstance(self.head, MoEHead):  # as many experts as it saved, before they load
+            self.head.restore(checkpoint.get("state_dict", {}), "head.")
 
     def optimizer_parameters(self):
         """The trainable parameters, in per-layer groups with ``layer_decay``."""
+        moe = isinstance(self.head, MoEHead)  # a group per expert generation (resumable)
         if self.hparams.layer_decay is None:
-            return super().optimizer_parameters()
+            return moe_param_groups(self, self.head) if moe else super().optimizer_parameters()
         if not 0 < self.hparams.layer_decay <= 1:
             raise ConfigError(
                 f"model.layer_decay: in (0, 1], got {self.hparams.layer_decay} "
                 "(0.65-0.9 is usual for fine-tuning)"
             )
-        return layer_decay_param_groups(
-            self.encoder, self.head, layer_decay=self.hparams.layer_decay
+        groups = layer_decay_param_groups(
+            self.encoder, None if moe else self.head, layer_decay=self.hparams.layer_decay
         )
+        return groups + (self.head.param_groups() if moe else [])
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
@@ -328,7 +350,10 @@ class ContinualClassifier(ContinualModule):
             terms = {"ce": soft_cross_entropy(logits, batch[SOFT_LABEL])}
         else:
             terms = {"ce": F.cross_entropy(logits, batch["label"])}
-        return terms, {"logits": logits, "features": features}
+        outputs = {"logits": logits, "features": features}
+        if isinstance(self.head, MoEHead):  # its load-balancing loss, for the loss term
+            outputs.update(self.head.step_outputs())
+        return terms, outputs
 
     # -- evaluation -----------------------------------------------------------------------
     def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
