@@ -17,6 +17,7 @@ from mneme.datamodules.errors import ConfigError, MnemeError
 USAGE = """usage: mneme {fit,validate,test,predict} --config CONFIG.yaml [options]
        mneme fewshot {fit,validate,test} --config CONFIG.yaml [options]
        mneme export --config CONFIG.yaml --ckpt_path CKPT --format {torch.export,onnx}
+       mneme tune --config CONFIG.yaml --search SEARCH.yaml --trials N [--study_dir DIR]
 
 Continual and multimodal learning on PyTorch Lightning.
 
@@ -30,6 +31,8 @@ subcommands:
              (FewShotEvaluator, whose own `checkpoint:` needs no --ckpt_path)
   export     write a trained classifier as a torch.export program (.pt2) or ONNX, with
              a JSON sidecar of its preprocessing (LoRA merged, pruning made permanent)
+  tune       hyperparameter search over any config key with Optuna (one `fit` per
+             trial, pruned at experience ends; the study in SQLite, resumable)
 
 `mneme fit --help` lists every option; `mneme fit --config configs/quickstart.yaml
 --print_config` prints the full configuration.
@@ -75,10 +78,15 @@ class RunInterrupted(MnemeError):
         self.status = status
 
 
-def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = False):
+def build_cli(
+    args: list[str] | None = None, run: bool = True, fewshot: bool = False, extra_callbacks=()
+):
     """Build (and by default run) the LightningCLI; ``run=False`` only instantiates.
     ``fewshot``: episodes (``EpisodicDataModule``) and the few-shot report instead of a
-    stream of experiences and its accuracy matrix."""
+    stream of experiences and its accuracy matrix. ``extra_callbacks``: live callbacks added
+    to the trainer's (``mneme tune``'s pruning, which holds an Optuna trial)."""
+    from typing import Literal, Union
+
     from jsonargparse import ArgumentError
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ProgressBar
@@ -121,6 +129,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = F
             # The run's log folder is claimed before anything is built, so that no two runs
             # (nor a run and an earlier one) ever share it.
             config = self.config[self.subcommand] if self.subcommand else self.config
+            apply_cpu_threads(config.get("cpu_threads", "auto"))
             claim_log_version(config["trainer"])
 
         def _parse_ckpt_path(self) -> None:
@@ -131,6 +140,12 @@ def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = F
             return
 
         def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument(
+                "--cpu_threads",
+                type=Union[int, Literal["auto"]],  # noqa: UP007 - jsonargparse reads typing
+                default="auto",
+                help=CPU_THREADS_HELP,
+            )
             if fewshot:
                 parser.add_lightning_class_args(FewShotMetrics, "fewshot_metrics")
                 return
@@ -152,6 +167,7 @@ def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = F
             callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
             if show and not any(isinstance(c, ProgressBar) for c in callbacks):
                 callbacks.append(StreamProgressBar())
+            callbacks += list(extra_callbacks)
             kwargs.update(enable_progress_bar=bool(show), callbacks=callbacks)
             if strategy := ddp_with_timeout(user["strategy"]):
                 kwargs["strategy"] = strategy
@@ -192,6 +208,32 @@ def build_cli(args: list[str] | None = None, run: bool = True, fewshot: bool = F
         args=args,
         run=run,
     )
+
+
+CPU_THREADS_HELP = (
+    "torch's intra-op CPU threads: auto (one thread; see README 'CPU threads'), a number, "
+    "or 0 for torch's own default (one per core); OMP_NUM_THREADS, when set, wins"
+)
+
+
+def apply_cpu_threads(setting: int | str) -> None:
+    """Set torch's CPU thread count for the run (``cpu_threads``).
+
+    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads'): the models a stream trains
+    on a CPU are small, and torch's default of one spinning OpenMP thread per core made a run
+    up to several times slower than one thread as soon as another process kept a core busy,
+    and no faster on an idle machine. A user's ``OMP_NUM_THREADS`` is their choice: kept.
+    """
+    if os.environ.get("OMP_NUM_THREADS") or setting == 0:
+        return
+    if isinstance(setting, int) and setting < 0:
+        raise ConfigError(f"cpu_threads: got {setting!r}; use auto, 0 (torch's default) or N > 0")
+    import torch
+
+    torch.set_num_threads(AUTO_CPU_THREADS if setting == "auto" else setting)
+
+
+AUTO_CPU_THREADS = 1
 
 
 def known_keys(parser, message: str) -> list[str]:
@@ -510,6 +552,15 @@ def main(args: list[str] | None = None) -> None:
         finally:
             release_claims()
         return
+    if argv[0] == "tune":  # imports optuna only when asked
+        quiet_known_noise()
+        from mneme.app.tune import main as tune_main
+
+        try:
+            tune_main(argv[1:])
+        finally:
+            release_claims()
+        return
     fewshot = argv[0] == FEWSHOT
     if fewshot:
         argv = argv[1:]
@@ -518,7 +569,7 @@ def main(args: list[str] | None = None) -> None:
     elif argv[0] not in SUBCOMMANDS:
         sys.exit(
             f"mneme: error: unknown subcommand '{argv[0]}'; use one of "
-            f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}, export"
+            f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}, export, tune"
         )
     quiet_known_noise()
     try:
