@@ -125,6 +125,8 @@ def test_logit_kd_refuses_a_teacher_of_other_classes(teacher_ckpt):
         ({"teacher_checkpoint": "x.ckpt", "teacher_encoder": "mneme_mlp"}, "teacher_checkpoint"),
         ({"teacher_encoder": "mneme_mlp", "alpha": 1.0}, "no class head"),
         ({"teacher_checkpoint": "x.ckpt", "alpha": 0, "beta": 0}, "both 0"),
+        ({"teacher_encoder": "mneme_mlp", "teacher_open_clip": "x", "alpha": 0}, "exactly one"),
+        ({"teacher_open_clip": "mneme-tiny-clip", "alpha": 1.0}, "teacher_open_clip has"),
     ],
 )
 def test_bad_inputs(args, field):
@@ -166,5 +168,88 @@ def test_resume_restores_the_projection_and_composes_with_unfreezing(teacher_ckp
         optimizer=lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
     )
     unfreeze = ProgressiveUnfreezing(every="experience")
-    fit(third, [unfreeze, TeacherDistillation(teacher_checkpoint=teacher_ckpt, beta=0.5)], tmp_path)
+    seen = []
+
+    from lightning.pytorch import Callback
+
+    class Watch(Callback):  # the projection and the encoder stem at each step
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            stem = next(pl_module.encoder.parameters())
+            projection = getattr(pl_module, PROJECTION).weight
+            seen.append((stem.detach().clone(), projection.detach().clone(), stem.requires_grad))
+
+    kd3 = TeacherDistillation(teacher_checkpoint=teacher_ckpt, beta=0.5)
+    trainer = fit(third, [unfreeze, kd3, Watch()], tmp_path)
     assert third.last_loss_terms["teacher"] > 0
+    # the projection is in the optimizer and trains from the first experience, while
+    # ProgressiveUnfreezing keeps the encoder's stem frozen throughout (2 experiences)
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert id(getattr(third, PROJECTION).weight) in optimized
+    assert not any(trainable for _, _, trainable in seen)
+    assert all(torch.equal(seen[0][0], stem) for stem, _, _ in seen)
+    half = len(seen) // 2
+    assert not torch.equal(seen[0][1], seen[half - 1][1])  # moved during experience 0
+
+
+def test_resume_from_the_boundary_equals_the_uninterrupted_run(teacher_ckpt, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt_path=None, ckpt_dir=None):
+        seed_everything(0)
+        student = model(8)
+        data = ContinualDataModule(
+            benchmark_args={"n_experiences": 2}, epochs_per_experience=1, batch_size=64
+        )
+        kd = TeacherDistillation(teacher_checkpoint=teacher_ckpt, alpha=1.0, beta=0.5)
+        extra = [ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1)]
+        Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=ckpt_dir is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[kd, *(extra if ckpt_dir is not None else [])],
+            **data.trainer_settings(),
+        ).fit(student, data, ckpt_path=ckpt_path)
+        return student
+
+    full = run(ckpt_dir=tmp_path / "ckpt")
+    boundary = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    resumed = run(ckpt_path=boundary)  # teacher rebuilt from its file, projection restored
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, full.state_dict()[key])
+
+
+def test_open_clip_teacher_features(tmp_path):
+    kd = TeacherDistillation(teacher_open_clip="mneme-tiny-clip", alpha=0, beta=1.0)
+    student = model(8)
+    fit(student, [kd], tmp_path, n_experiences=2)
+    assert getattr(student, PROJECTION).weight.shape == (64, 8)  # the tiny CLIP's width
+    assert student.last_loss_terms["teacher"] > 0
+    assert not kd.teacher.training and not any(p.requires_grad for p in kd.teacher.parameters())
+
+
+def test_equal_widths_start_from_the_identity():
+    kd = TeacherDistillation(teacher_encoder="mneme_mlp", alpha=0, beta=1.0)
+    projection = torch.nn.LazyLinear(6)
+    kd._identity_if_equal(projection, torch.randn(3, 6))
+    torch.testing.assert_close(projection.weight, torch.eye(6))
+    other = torch.nn.LazyLinear(4)
+    kd._identity_if_equal(other, torch.randn(3, 6))
+    assert other.weight.shape == (4, 6) and not torch.equal(other.weight[:, :4], torch.eye(4))
+
+
+def test_a_teacher_that_cannot_take_the_stream_is_refused(teacher_ckpt):
+    class Experience:
+        def first_sample(self):
+            return {"image": torch.rand(1, 1, 28, 28), "task": torch.zeros(1, dtype=torch.long)}
+
+    class FakeTrainer:
+        class datamodule:  # noqa: N801 - stands for the trainer's attribute
+            train_experiences = [Experience()]
+            input_normalization = None
+
+    kd = TeacherDistillation(teacher_checkpoint=teacher_ckpt, alpha=1.0)
+    with pytest.raises(ConfigError, match="TeacherDistillation.teacher_checkpoint: the teacher "):
+        kd.setup(FakeTrainer(), model(8), "fit")
