@@ -105,6 +105,16 @@ def summarize_library_error(error: BaseException) -> str | None:
             f"ckpt_path: the checkpoint does not fit this model ({detail}); "
             "use the config the checkpoint was trained with"
         )
+    if isinstance(error, RuntimeError) and "SaveConfigCallback expected" in text:
+        # without a logger the run's config.yaml goes to trainer.default_root_dir (the
+        # working folder): an earlier run's is there, and Lightning refuses to overwrite it
+        found = re.search(r"expected (\S+) to NOT exist", text)
+        where = found.group(1) if found else "config.yaml"
+        return _clip(
+            f"trainer.logger: without a logger the run writes its config to {where}, and an "
+            "earlier run's is there (kept); run in another folder, set trainer.default_root_dir, "
+            "or keep the TensorBoard logger (each run gets its own version folder)"
+        )
     if download := _download_failure(error):
         return _clip(
             f"data.benchmark_args.dataset_root: the benchmark downloads its data, which failed "

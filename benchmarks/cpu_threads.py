@@ -1,0 +1,100 @@
+"""How the CPU thread setting changes a whole ``mneme fit``, on an idle and on a busy machine.
+
+Each case runs ``mneme fit --config configs/<config>.yaml`` in a fresh process (imports
+included, as a user sees it) under one thread setting, with ``--busy N`` other processes
+spinning on a core each (the situation of a shared machine, a second job, or a test run
+beside the training). Settings:
+
+- ``mneme``: no environment variable; what Mneme picks (``cpu_threads: auto``);
+- ``torch``: Mneme's choice switched off (``--cpu_threads 0``): torch's default, one
+  thread per core, with OpenMP's default (active, spinning) wait policy;
+- ``1``: ``--cpu_threads 1``;
+- ``2-passive``: two threads with ``OMP_WAIT_POLICY=PASSIVE`` (idle threads sleep instead of
+  spinning; it must be in the environment before the OpenMP runtime loads).
+
+Cases run interleaved (every setting once, then again) so that a drift in the machine's
+load hits every setting alike; the table gives the median wall time and its ratio to the
+best setting of the same config and load.
+
+    python -m benchmarks.cpu_threads --configs quickstart,split_mnist_replay --busy 0,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SETTINGS = {
+    "mneme": ({}, []),
+    "torch": ({}, ["--cpu_threads", "0"]),
+    "1": ({}, ["--cpu_threads", "1"]),
+    "2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, ["--cpu_threads", "2"]),
+}
+_SPIN = "import time\nend = time.time() + {s}\nwhile time.time() < end: pass\n"
+
+
+def run_fit(config: str, env_extra: dict, args: list[str], workdir: Path) -> float:
+    """Wall seconds of one ``mneme fit`` in a fresh process (imports included)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
+    env.update(env_extra)
+    config_path = REPO / "configs" / f"{config}.yaml"
+    command = [sys.executable, "-m", "mneme.app.cli", "fit", "--config", str(config_path)]
+    command += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *args]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=workdir) as run_dir:  # each run writes config.yaml
+        result = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{config} {args}: {result.stderr.strip().splitlines()[-1:]}")
+    return wall
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="quickstart,split_mnist_replay")
+    parser.add_argument("--busy", default="0,1", help="comma-separated numbers of busy cores")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    opts = parser.parse_args(argv)
+    settings = opts.settings.split(",")
+    rows = []
+    for busy in [int(b) for b in opts.busy.split(",")]:
+        spinners = [
+            subprocess.Popen([sys.executable, "-c", _SPIN.format(s=3600)]) for _ in range(busy)
+        ]
+        try:
+            for config in opts.configs.split(","):
+                times: dict[str, list[float]] = {s: [] for s in settings}
+                with tempfile.TemporaryDirectory() as tmp:
+                    (Path(tmp) / "configs").symlink_to(REPO / "configs")
+                    for _ in range(opts.repeats):
+                        for name in settings:
+                            env_extra, args = SETTINGS[name]
+                            times[name].append(run_fit(config, env_extra, args, Path(tmp)))
+                medians = {s: statistics.median(t) for s, t in times.items()}
+                best = min(medians.values())
+                for name in settings:
+                    rows.append((config, busy, name, medians[name], medians[name] / best))
+                    print(f"{config} busy={busy} {name}: {medians[name]:.2f} s", flush=True)
+        finally:
+            for spinner in spinners:
+                spinner.kill()
+    print(
+        f"\nnproc={os.cpu_count()} affinity={len(os.sched_getaffinity(0))}; load before: "
+        f"{os.getloadavg()[0]:.2f}; median of {opts.repeats}\n"
+    )
+    print("| config | busy cores | threads | wall (s) | / best |")
+    print("| --- | --- | --- | --- | --- |")
+    for config, busy, name, wall, ratio in rows:
+        print(f"| {config} | {busy} | {name} | {wall:.2f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
