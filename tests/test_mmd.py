@@ -11,6 +11,7 @@ from mneme.app import ContinualClassifier
 from mneme.callbacks import MMDAdaptation
 from mneme.callbacks.mmd import mmd2
 from mneme.datamodules import ConfigError
+from mneme.datamodules.benchmarks import stream
 from mneme.datamodules.experiences import TensorExperience
 
 
@@ -133,3 +134,83 @@ def test_bad_streams():
     same = [experience(10, 0.0, 0), experience(10, 0.0, 1)]
     with pytest.raises(ConfigError, match="data.batch_size"):
         MMDAdaptation().on_fit_start(fake_trainer(same, batch_size=1), model)
+
+
+@stream
+def PermutedDigits(n_experiences: int = 2, seed: int = 0):  # noqa: N802 - a stream factory
+    """Domain-incremental 8x8 digits (one pixel permutation per experience), built as
+    PermutedMNISTFile builds its stream: a small, offline stream for an MMD fit."""
+    from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
+    from mneme.datamodules.declared import DeclaredStream
+    from mneme.datamodules.streams import LabeledTensors, load_digits_tensors
+
+    train, test = load_digits_tensors(test_size=0.25, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    trains, tests = [], []
+    for _ in range(n_experiences):
+        perm = torch.randperm(train.inputs[0].numel(), generator=g)
+        for source, out in ((train, trains), (test, tests)):
+            flat = source.inputs.flatten(1)[:, perm].view_as(source.inputs)
+            out.append(LabeledTensors(flat, torch.tensor(source.targets)))
+    scenario = nc_benchmark(
+        trains,
+        tests,
+        n_experiences=n_experiences,
+        task_labels=False,
+        shuffle=False,
+        class_ids_from_zero_in_each_exp=True,
+        one_dataset_per_exp=True,
+    )
+    return DeclaredStream(scenario)
+
+
+def test_fit_on_permuted_digits_and_resume_from_the_boundary(tmp_path):
+    """MMD's target draws derive from (seed, rank, step), nothing to checkpoint: a run resumed
+    from the end of experience 0 trains to the uninterrupted run's model."""
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from mneme.datamodules import ContinualDataModule
+
+    def run(ckpt_path=None, ckpt_dir=None):
+        seed_everything(0)
+        model = ContinualClassifier(
+            encoder="mneme_mlp",
+            encoder_args={"hidden": [8]},
+            optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9),
+        )
+        data = ContinualDataModule(
+            "tests.test_mmd.PermutedDigits",
+            {"n_experiences": 2},
+            epochs_per_experience=1,
+            batch_size=128,
+        )
+        mmd = MMDAdaptation(lambda_=1.0, target_batch_size=16)
+        watch = Watch()
+        extra = [] if ckpt_dir is None else [ModelCheckpoint(ckpt_dir, save_top_k=-1)]
+        trainer = Trainer(
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=ckpt_dir is not None,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[mmd, watch, *extra],
+            **data.trainer_settings(),
+        )
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model, watch.terms
+
+    class Watch(Callback):  # the MMD term of each step
+        def __init__(self):
+            self.terms = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.terms.append(float(pl_module.last_loss_terms["mmd"]))
+
+    full, terms = run(ckpt_dir=tmp_path / "ckpt")
+    half = len(terms) // 2
+    assert all(t > 0 for t in terms[:half]) and all(t == 0 for t in terms[half:])
+    boundary = sorted((tmp_path / "ckpt").glob("epoch=0*.ckpt"))[0]
+    resumed, _ = run(ckpt_path=boundary)
+    for key, value in resumed.state_dict().items():
+        torch.testing.assert_close(value, full.state_dict()[key])
