@@ -6,7 +6,13 @@ from collections.abc import Sequence
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from mneme.app.protocols import FeatureClassifier, StrategyHost, require
+from mneme.app.protocols import (
+    Embedder,
+    FeatureClassifier,
+    StrategyHost,
+    missing_members,
+    require,
+)
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.callbacks.replay import _generator, _rank
 from mneme.datamodules.errors import ConfigError
@@ -45,14 +51,19 @@ def mmd2(source: Tensor, target: Tensor, multipliers: Sequence[float] = (0.25, 0
 
 class MMDAdaptation(ExperienceCallback):
     """Align the features of the experience being trained with those of the next one, whose
-    training inputs arrive unlabelled first (domain-incremental streams, e.g. permuted MNIST).
+    training inputs arrive unlabelled first (domain-incremental streams, e.g. permuted MNIST,
+    or spoken digits by accent for an aligner).
 
     During experience ``k`` each training step draws ``target_batch_size`` inputs of
     training experience ``k + 1`` (this rank's shard, uniformly, from a generator seeded by
     ``(seed, rank, global_step)``; the labels are dropped unread by the loss), encodes them
-    with the model (``features``, with gradient) and adds the loss term ``mmd``::
+    with the model (with gradient) and adds the loss term ``mmd``::
 
         lambda_ * MMD²(outputs["features"], features(target inputs))
+
+    for a classifier (``ContinualClassifier``: its encoder's features); for an aligner
+    (``ContrastiveAligner``) the embeddings of its ``input_key`` modality (the zero-shot
+    one, e.g. ``audio``): ``outputs["embeddings"][key]`` against the target clips' embeddings.
 
     with :func:`mmd2` (multi-kernel, unbiased). The last experience has no next one: the term
     is zero there. Stateless (the draws derive from the seed and the step), so a resume
@@ -104,19 +115,31 @@ class MMDAdaptation(ExperienceCallback):
         trainer, module = self._trainer, self._module
         experiences = trainer.datamodule.train_experiences
         k = current_experience(trainer)
-        if k + 1 >= len(experiences) or len(outputs["features"]) < 2:
+        if k + 1 >= len(experiences) or len(self._source(module, outputs)) < 2:
             # no next domain; or an experience's last batch of one sample, where the
             # unbiased estimate is undefined: that step adds nothing
-            return outputs["features"].new_zeros(())
+            return self._source(module, outputs).new_zeros(())
         target = experiences[k + 1]
         rank, world_size = _rank(trainer)
         shard = torch.arange(rank, len(target), world_size)
         n = min(self.target_batch_size or len(batch[module.input_key]), len(shard))
         generator = _generator(run_seed(self.seed), rank, trainer.global_step)
         index = shard[torch.randperm(len(shard), generator=generator)[:n]]
-        x = target.read(index)[module.input_key].to(outputs["features"].device)
-        features = module.features(x, None)
-        return self.lambda_ * mmd2(outputs["features"], features, self.multipliers)
+        source = self._source(module, outputs)
+        x = target.read(index)[module.input_key].to(source.device)
+        return self.lambda_ * mmd2(source, self._encode(module, x), self.multipliers)
+
+    @staticmethod
+    def _source(module: LightningModule, outputs: dict) -> Tensor:
+        if "features" in outputs:  # a classifier
+            return outputs["features"]
+        return outputs["embeddings"][module.input_key]  # an aligner: the input modality's
+
+    @staticmethod
+    def _encode(module: LightningModule, x: Tensor) -> Tensor:
+        if hasattr(module, "features"):
+            return module.features(x, None)
+        return module.embed({module.input_key: x}, [module.input_key])[module.input_key]
 
     # -- hooks ------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -125,7 +148,8 @@ class MMDAdaptation(ExperienceCallback):
         self._term = pl_module.add_loss_term("mmd", self.mmd_loss)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        require(pl_module, FeatureClassifier, "MMDAdaptation")
+        if missing_members(pl_module, Embedder) or not hasattr(pl_module, "input_key"):
+            require(pl_module, FeatureClassifier, "MMDAdaptation")  # names what is missing
         data = trainer.datamodule
         experiences = data.train_experiences
         if len(experiences) < 2:

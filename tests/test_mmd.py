@@ -214,3 +214,31 @@ def test_fit_on_permuted_digits_and_resume_from_the_boundary(tmp_path):
     resumed, _ = run(ckpt_path=boundary)
     for key, value in resumed.state_dict().items():
         torch.testing.assert_close(value, full.state_dict()[key])
+
+
+def test_aligner_aligns_the_input_modalitys_embeddings():
+    """For a ContrastiveAligner the term compares the zero-shot modality's embeddings (audio
+    here) of the batch and of the next domain's clips."""
+    from tests.test_augmentation import audio_batch, tiny_audio_aligner
+
+    module = tiny_audio_aligner().train()
+    stream = []
+    for seed in (0, 1):
+        b = audio_batch(9)
+        b["audio"] = (b["audio"].float() * (1 + 2 * seed)).clamp(-32768, 32767).short()
+        stream.append(TensorExperience({**b, "task": torch.zeros(9, dtype=torch.long)}))
+    mmd = MMDAdaptation(lambda_=1.0, target_batch_size=4, seed=0)
+    mmd._trainer, mmd._module = fake_trainer(stream), module
+    mmd.on_fit_start(mmd._trainer, module)
+    batch = stream[0].read(torch.arange(6))
+    outputs = {"embeddings": module.embed(batch, ["audio"])}
+    loss = mmd.mmd_loss(batch, outputs)
+    from mneme.callbacks.replay import _generator
+
+    index = torch.randperm(9, generator=_generator(0, 0, 3))[:4]
+    target = module.embed(stream[1].read(index), ["audio"])["audio"]
+    torch.testing.assert_close(loss, mmd2(outputs["embeddings"]["audio"], target))
+    loss.backward()
+    assert any(p.grad is not None for p in module.encoders["audio"].parameters())
+    with pytest.raises(ConfigError, match="MMDAdaptation needs a FeatureClassifier"):
+        MMDAdaptation().on_fit_start(fake_trainer(stream), torch.nn.Linear(2, 2))
