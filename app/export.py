@@ -1,9 +1,10 @@
-"""``mneme export``: a trained classifier as a ``torch.export`` program (``.pt2``) or an ONNX
-graph, with a JSON sidecar describing its preprocessing.
+"""``mneme export``: a trained classifier (or one tower of an aligner) as a ``torch.export``
+program (``.pt2``) or an ONNX graph, with a JSON sidecar describing its preprocessing.
 
     mneme export --config configs/quickstart.yaml \\
         --ckpt_path logs/quickstart/version_0/checkpoints/last.ckpt --format onnx \\
-        [--output model.onnx]
+        [--output model.onnx] [--quantize {config,none,ptq_dynamic,ptq_weight_only,ptq_static,qat}]
+        [--tower image|text|audio]
 
 The exported model is the checkpoint's, made plain first: LoRA updates folded into the base
 weights (peft's ``LoraLayer.merge``, the layer replaced by its base layer) and pruning
@@ -11,6 +12,23 @@ re-parametrizations made permanent (``torch.nn.utils.prune.remove``). It maps a 
 inputs (the sidecar's ``input_key``, ``shape`` with a dynamic batch dimension, ``dtype``,
 already standardized with ``normalization`` mean/std as the stream did) to class logits in
 the order of ``classes``. onnx/onnxscript are imported only here (``mneme --help`` stays fast).
+
+A :class:`~mneme.app.ContrastiveAligner` exports one tower at a time (``--tower``): its
+``ModalityEncoder``, inputs of that modality (the stream's dtype: token ids for text) to the
+L2-normalized embedding; the sidecar adds the tokenizer for a text tower.
+
+Quantization (``--quantize``; default ``config``: the mode, ``exclude`` and ``encoders`` of the
+config's :class:`~mneme.callbacks.Quantization` callback, float without one; ``none``: float):
+
+- ``torch.export``: torchao int8 (:func:`mneme.app.quantize.quantize_model`, every mode; the
+  program keeps torchao's int8 ops, so loading it needs ``import torchao`` first);
+  ``ptq_static`` calibrates on ``calibration_batches`` batches of the training stream.
+- ``onnx``: the ONNX exporter has no translation of torchao's int8 matmul (``aten._int_mm``,
+  the ``ptq_dynamic``/``ptq_static`` kernels) and folds ``ptq_weight_only`` weights back to
+  float32, so ONNX int8 is onnxruntime's own: the float graph, then
+  ``onnxruntime.quantization.quantize_dynamic`` (int8 weights per tensor, uint8 activations
+  quantized at run time; ``MatMulInteger``), for ``ptq_dynamic`` and ``qat``; the other modes
+  are refused in one line naming the fix.
 """
 
 from __future__ import annotations
@@ -26,10 +44,13 @@ from mneme.datamodules.errors import ConfigError
 
 FORMATS = ("torch.export", "onnx")
 SUFFIX = {"torch.export": ".pt2", "onnx": ".onnx"}
+QUANTIZE = ("config", "none", "ptq_dynamic", "ptq_weight_only", "ptq_static", "qat")
+ONNX_QUANTIZE = ("ptq_dynamic", "qat")  # through onnxruntime.quantization.quantize_dynamic
 
 USAGE = (
     "usage: mneme export --config CONFIG.yaml --ckpt_path CKPT --format {torch.export,onnx} "
-    "[--output PATH]"
+    "[--output PATH] [--quantize {config,none,ptq_dynamic,ptq_weight_only,ptq_static,qat}] "
+    "[--tower MODALITY]"
 )
 
 
@@ -39,10 +60,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--ckpt_path", required=False)
     parser.add_argument("--format", default="torch.export")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--quantize", default="config")
+    parser.add_argument("--tower", default=None)
     options, rest = parser.parse_known_args(argv)
     if options.format not in FORMATS:
         raise ConfigError(
             f"--format: unknown format {options.format!r}; use one of {', '.join(FORMATS)}"
+        )
+    if options.quantize not in QUANTIZE:
+        raise ConfigError(
+            f"--quantize: unknown mode {options.quantize!r}; use one of {', '.join(QUANTIZE)}"
         )
     if not options.ckpt_path:
         raise ConfigError("--ckpt_path: `mneme export` exports a trained model; pass its .ckpt")
@@ -99,7 +126,9 @@ def logits_module(model: Any):
     return _Logits(model).eval()
 
 
-def export_program(module: Any, example: Any, fmt: str, output: Path) -> None:
+def export_program(
+    module: Any, example: Any, fmt: str, output: Path, output_name: str = "logits"
+) -> None:
     """Write ``module`` (``x -> logits``) in ``fmt`` with a dynamic batch dimension; a model
     that ``torch.export`` cannot trace (data-dependent control flow) ends in a ConfigError
     naming the module."""
@@ -117,9 +146,10 @@ def export_program(module: Any, example: Any, fmt: str, output: Path) -> None:
                 (example,),
                 str(output),
                 input_names=["x"],
-                output_names=["logits"],
+                output_names=[output_name],
                 dynamic_shapes=dynamic,
                 dynamo=True,
+                external_data=False,  # one self-contained file (models under 2 GB)
                 verbose=False,
             )
     except ConfigError:
@@ -162,7 +192,9 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sidecar(model: Any, datamodule: Any, ckpt_path: Path, fmt: str) -> dict[str, Any]:
+def sidecar(
+    model: Any, datamodule: Any, ckpt_path: Path, fmt: str, tower: str | None = None
+) -> dict[str, Any]:
     """What a consumer of the exported model needs to feed it and read its outputs."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -180,12 +212,13 @@ def sidecar(model: Any, datamodule: Any, ckpt_path: Path, fmt: str) -> dict[str,
     except Exception:  # noqa: BLE001 - a stream that cannot be built here has no names
         names = None
     num_classes = int(hp["num_classes"])
-    return {
+    shape = hp["input_shape"] if tower is None else hp["input_shapes"][tower]
+    out = {
         "format": fmt,
-        "input_key": model.input_key,
+        "input_key": model.input_key if tower is None else tower,
         "input_name": "x",
-        "output_name": "logits",
-        "shape": ["batch", *[int(s) for s in hp["input_shape"]]],
+        "output_name": "logits" if tower is None else "tower_embedding",
+        "shape": ["batch", *[int(s) for s in shape]],
         "dtype": "float32",
         "normalization": None if norm is None else {"mean": norm[0], "std": norm[1]},
         # logits column i is class i (labels are the stream's class ids, 0..num_classes-1)
@@ -196,10 +229,31 @@ def sidecar(model: Any, datamodule: Any, ckpt_path: Path, fmt: str) -> dict[str,
         "mneme_version": mneme_version,
         "torch_version": torch.__version__,
     }
+    if tower is not None:
+        encoder = model.encoders[tower]
+        out["tower"] = tower
+        out["embed_dim"] = int(encoder.embed_dim)
+        out["output"] = "L2-normalized embedding (batch, embed_dim) in the aligner's space"
+        backbone = encoder.backbone
+        if hasattr(backbone, "tokenize"):  # a text tower: token ids of open_clip's tokenizer
+            spec = hp["encoders"][tower]
+            out["tokenizer"] = {
+                "library": "open_clip",
+                "name": spec.get("model", "mneme-tiny-clip"),
+                "context_length": int(backbone.context_length),
+                "call": "open_clip.get_tokenizer(name, context_length)(texts)",
+            }
+        try:  # the prompts that make zero-shot class embeddings with the text tower
+            templates = list(datamodule.prompt_templates)
+        except Exception:  # noqa: BLE001 - as for the class names
+            templates = ["{}"]
+        out["zero_shot_templates"] = templates
+    return out
 
 
 def load_model(config_args: list[str], ckpt_path: Path):
-    """The config's module (and datamodule) with the checkpoint's weights, on the CPU."""
+    """The config's module (and the CLI, for its datamodule and callbacks) with the
+    checkpoint's weights, on the CPU."""
     import torch
     from mneme.app.cli import build_cli, check_checkpoint, check_checkpoint_model
 
@@ -210,16 +264,16 @@ def load_model(config_args: list[str], ckpt_path: Path):
     hparams = {
         k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")
     }
-    if not {"num_classes", "input_shape"} <= set(hparams):
+    if "num_classes" not in hparams or not {"input_shape", "input_shapes"} & set(hparams):
         raise ConfigError(
-            f"ckpt_path: '{ckpt_path}' holds no num_classes/input_shape hyperparameters; "
-            "export a checkpoint of a ContinualClassifier"
+            f"ckpt_path: '{ckpt_path}' holds no num_classes/input_shape(s) hyperparameters; "
+            "export a checkpoint of a ContinualClassifier or a ContrastiveAligner"
         )
     model = cls(**hparams)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     del checkpoint
     torch.set_grad_enabled(False)
-    return model.cpu().eval(), cli.datamodule
+    return model.cpu().eval(), cli
 
 
 def check_single_head(model: Any) -> None:
@@ -230,25 +284,177 @@ def check_single_head(model: Any) -> None:
         )
 
 
-def export(
-    config_args: list[str], ckpt_path: str, fmt: str, output: str | None = None
-) -> tuple[Path, Path]:
-    """Export the checkpoint's model; returns the artifact's path and its sidecar's."""
+def target_of(model: Any, tower: str | None) -> tuple[Any, str]:
+    """The module exported (the classifier, or the aligner's ``tower``) and its input key."""
+    towers = getattr(model, "encoders", None)
+    if tower is None:
+        if towers is not None:
+            raise ConfigError(
+                f"--tower: a {type(model).__name__} exports one tower at a time; pass "
+                f"--tower with one of {list(towers)}"
+            )
+        check_single_head(model)
+        return model, model.input_key
+    if towers is None or tower not in towers:
+        known = list(towers) if towers is not None else []
+        raise ConfigError(
+            f"--tower: {type(model).__name__} has no tower {tower!r}"
+            + (f"; use one of {known}" if known else "; drop --tower (a classifier is one model)")
+        )
+    return towers[tower], tower
+
+
+def quantization_spec(cli: Any, option: str, tower: str | None) -> dict[str, Any] | None:
+    """What to quantize: ``option`` (a mode, ``none``, or ``config``: the config's
+    Quantization callback), with that callback's ``exclude``/``encoders``/calibration; the
+    ``exclude`` prefixes are made relative to the exported ``tower``. ``None``: float."""
+    from mneme.callbacks import Quantization
+
+    found = [c for c in getattr(cli.trainer, "callbacks", []) if isinstance(c, Quantization)]
+    callback = found[0] if found else None
+    if option == "none" or (option == "config" and callback is None):
+        return None
+    mode = callback.mode if option == "config" else option
+    exclude = list(callback.exclude) if callback else []
+    encoders = callback.encoders if callback else None
+    if tower is not None:
+        if encoders is not None and tower not in encoders:
+            return None  # the config keeps this tower float
+        prefix = f"encoders.{tower}."
+        exclude = [e.removeprefix(prefix) for e in exclude if e.startswith(prefix)]
+    batches = callback.calibration_batches if callback else 8
+    return {"mode": mode, "exclude": exclude, "calibration_batches": batches}
+
+
+def calibration_batches(datamodule: Any, key: str, count: int) -> list[Any]:
+    """``count`` input batches of field ``key``, one per training experience in turn (so a
+    static scale sees every experience's data)."""
+    iterators = [iter(e.batches(64)) for e in datamodule.train_experiences]
+    out: list[Any] = []
+    while len(out) < count and iterators:
+        for it in list(iterators):
+            batch = next(it, None)
+            if batch is None:
+                iterators.remove(it)
+            elif len(out) < count:
+                out.append(batch[key])
+    return out
+
+
+def check_onnx_mode(mode: str) -> None:
+    """Refuse a quantization mode ONNX cannot carry, naming the fix."""
+    if mode in ONNX_QUANTIZE or mode in ("none", "config"):
+        return
+    why = (
+        "weights (the exporter folds them back to float32)"
+        if mode == "ptq_weight_only"
+        else "matmul (the ONNX exporter has no translation of aten._int_mm)"
+    )
+    raise ConfigError(
+        f"--quantize {mode}: ONNX cannot hold torchao's int8 {why}; use --format "
+        "torch.export, or --quantize ptq_dynamic for ONNX (onnxruntime's int8)"
+    )
+
+
+def quantize_target(target: Any, spec: dict[str, Any], fmt: str, datamodule: Any, key: str):
+    """``target`` quantized for ``fmt`` (torchao in place for torch.export; ONNX is
+    quantized after its export, see :func:`quantize_onnx`). Returns the sidecar's entry."""
+    import torchao
+    from mneme.app.quantize import float_layers, quantize_model
+
+    mode = spec["mode"]
+    left = float_layers(target, spec["exclude"])
+    if fmt == "onnx":
+        check_onnx_mode(mode)
+        if spec["exclude"]:
+            raise ConfigError(
+                f"--quantize {mode}: onnxruntime's quantize_dynamic quantizes every MatMul; "
+                f"Quantization.exclude {spec['exclude']} needs --format torch.export"
+            )
+        import onnxruntime
+
+        backend = f"onnxruntime {onnxruntime.__version__} quantize_dynamic (QInt8 weights)"
+        return {"mode": mode, "backend": backend, "float_layers": left}
+    calibration = None
+    if mode == "ptq_static":
+        calibration = calibration_batches(datamodule, key, spec["calibration_batches"])
+    quantize_model(target, mode, calibration, exclude=spec["exclude"], inplace=True)
+    return {
+        "mode": mode,
+        "backend": f"torchao {torchao.__version__} (load with `import torchao` first)",
+        "exclude": spec["exclude"],
+        "float_layers": left,
+    }
+
+
+def quantize_onnx(path: Path) -> None:
+    """onnxruntime's dynamic int8 quantization of the ONNX file at ``path``, in place."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.name + ".int8")
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its "consider pre-processing" notice, on every call
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    tmp.replace(path)
+
+
+def example_input(datamodule: Any, key: str, shape: Any):
+    """Two samples of field ``key`` from the test stream (the stream's dtype: token ids for
+    text); random ones of ``shape`` if the stream cannot serve them here."""
     import torch
 
+    try:
+        return next(iter(datamodule.test_experiences[0].batches(2)))[key]
+    except Exception:  # noqa: BLE001 - any stream failure: trace on a random input instead
+        return torch.randn(2, *shape)
+
+
+def export(
+    config_args: list[str],
+    ckpt_path: str,
+    fmt: str,
+    output: str | None = None,
+    quantize: str = "config",
+    tower: str | None = None,
+) -> tuple[Path, Path]:
+    """Export the checkpoint's model (or an aligner's ``tower``), int8 where ``quantize``
+    (or the config's Quantization callback) asks; returns the artifact's and its sidecar's
+    paths."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ConfigError(f"--quantize: unknown mode {quantize!r}; use one of {QUANTIZE}")
+    if fmt == "onnx":
+        check_onnx_mode(quantize)  # before anything loads
     ckpt = Path(ckpt_path)
-    model, datamodule = load_model(config_args, ckpt)
-    check_single_head(model)
+    model, cli = load_model(config_args, ckpt)
+    target, key = target_of(model, tower)
     merge_lora(model)
     remove_pruning(model)
     out = Path(output) if output else ckpt.with_suffix(SUFFIX[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(2, *model.hparams["input_shape"])
-    export_program(logits_module(model), example, fmt, out)
+    shape = model.hparams["input_shape"] if tower is None else model.hparams["input_shapes"][tower]
+    example = example_input(cli.datamodule, key, shape)
+    spec = quantization_spec(cli, quantize, tower)
+    quantized = None
+    if spec is not None:
+        quantized = quantize_target(target.eval(), spec, fmt, cli.datamodule, key)
+    export_program(
+        logits_module(target), example, fmt, out, "logits" if tower is None else "tower_embedding"
+    )
+    if quantized is not None and fmt == "onnx":
+        quantize_onnx(out)
+    meta = sidecar(model, cli.datamodule, ckpt, fmt, tower)
+    meta["dtype"] = str(example.dtype).removeprefix("torch.")
+    meta["quantization"] = quantized
     side = out.with_name(out.name + ".json")
-    side.write_text(json.dumps(sidecar(model, datamodule, ckpt, fmt), indent=2) + "\n")
+    side.write_text(json.dumps(meta, indent=2) + "\n")
     return out, side
 
 
@@ -258,7 +464,14 @@ def main(argv: list[str]) -> None:
 
     try:
         options, rest = parse_args(argv)
-        out, side = export(rest, options.ckpt_path, options.format, options.output)
+        out, side = export(
+            rest,
+            options.ckpt_path,
+            options.format,
+            options.output,
+            options.quantize,
+            options.tower,
+        )
     except ConfigError as error:
         if debug_mode():
             raise

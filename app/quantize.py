@@ -38,27 +38,89 @@ from torch import Tensor, nn
 MODES = ("ptq_dynamic", "ptq_weight_only", "ptq_static", "qat")
 
 
-def _linear_filter(exclude: Iterable[str]) -> Callable[[nn.Module, str], bool]:
+def attention_projections(model: nn.Module) -> set[str]:
+    """Names of the ``nn.MultiheadAttention`` output projections in ``model``: Linear
+    modules whose ``forward`` never runs (``F.multi_head_attention_forward`` reads their
+    ``weight`` directly and transposes it, which torchao's ``Int8Tensor`` does not implement:
+    ``aten.t``), so they stay float (torch names their class ``NonDynamicallyQuantizableLinear``
+    for the same reason)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
+def _linear_filter(
+    exclude: Iterable[str], model: nn.Module | None = None
+) -> Callable[[nn.Module, str], bool]:
     skipped = tuple(exclude)
+    attention = attention_projections(model) if model is not None else set()
 
     def keep(module: nn.Module, fqn: str) -> bool:
-        return isinstance(module, nn.Linear) and not any(
-            fqn == e or fqn.startswith(e + ".") for e in skipped
+        return (
+            isinstance(module, nn.Linear)
+            and fqn not in attention
+            and not any(fqn == e or fqn.startswith(e + ".") for e in skipped)
         )
 
     return keep
 
 
+def float_layers(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, int]:
+    """What stays float when ``model`` is quantized, by layer kind (not excluded by the user):
+    ``{"Conv2d": 3, "MultiheadAttention.out_proj": 2, ...}``; for the one-line notice that
+    names the module types torchao's CPU int8 path leaves alone."""
+    skipped = tuple(exclude)
+    attention = attention_projections(model)
+    counts: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if any(name == e or name.startswith(e + ".") for e in skipped):
+            continue
+        if name in attention:
+            kind = "MultiheadAttention.out_proj"
+        elif isinstance(m, nn.MultiheadAttention):
+            kind = "MultiheadAttention.in_proj"  # a raw Parameter, no Linear to swap
+        elif isinstance(m, nn.modules.conv._ConvNd | nn.Embedding):
+            kind = type(m).__name__
+        else:
+            continue
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
 def check_quantizable(model: nn.Module, field: str = "mode", exclude: Iterable[str] = ()) -> None:
     """Refuse in one line a model with no ``nn.Linear`` to quantize (naming its layer types)."""
-    keep = _linear_filter(exclude)
+    keep = _linear_filter(exclude, model)
     if not any(keep(m, n) for n, m in model.named_modules()):
         kinds = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
         raise ConfigError(
-            f"Quantization.{field}: torchao's CPU int8 kernels quantize nn.Linear only; "
+            f"Quantization.{field}: torchao's CPU int8 kernels quantize nn.Linear only (not "
+            "a MultiheadAttention's out_proj); "
             f"{type(model).__name__} has none (its layers: {', '.join(kinds) or 'none'}); "
             "quantize a model with Linear layers or drop the callback"
         )
+
+
+def tower_exclude(model: nn.Module, encoders: Iterable[str] | None, field: str) -> list[str]:
+    """The ``exclude`` prefixes that leave every tower of an aligner (``model.encoders``, a
+    ``ModuleDict``) float except ``encoders``; ``None``: every tower quantized. A name that is
+    no tower, or a model without towers, is refused naming ``field``."""
+    if encoders is None:
+        return []
+    towers = getattr(model, "encoders", None)
+    if not isinstance(towers, nn.ModuleDict):
+        raise ConfigError(
+            f"{field}: {type(model).__name__} has no per-modality encoders (a "
+            "ContrastiveAligner option); leave it unset, or name submodules in exclude"
+        )
+    unknown = [e for e in encoders if e not in towers]
+    if unknown or not list(encoders):
+        raise ConfigError(
+            f"{field}: {unknown or 'an empty list'} names no encoder; pick from {list(towers)}"
+        )
+    prefix = next(n for n, m in model.named_modules() if m is towers)
+    return [f"{prefix}.{name}" for name in towers if name not in set(encoders)]
 
 
 def _base_config(mode: str) -> Any:
@@ -119,7 +181,7 @@ def quantize_model(
     if mode == "qat":
         return convert_qat(model, exclude)
     check_quantizable(model, exclude=exclude)
-    keep = _linear_filter(exclude)
+    keep = _linear_filter(exclude, model)
     if mode != "ptq_static":
         quantize_(model, _base_config(mode), filter_fn=keep)
         return model
@@ -179,7 +241,7 @@ def prepare_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
         weight_config=IntxFakeQuantizeConfig(torch.int8, "per_channel"),
         step="prepare",
     )
-    quantize_(module, config, filter_fn=_linear_filter(exclude))
+    quantize_(module, config, filter_fn=_linear_filter(exclude, module))
     return module
 
 
@@ -196,10 +258,13 @@ def convert_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
     from torchao.quantization.qat.linear import FakeQuantizedLinear
 
     skipped = tuple(exclude)
+    attention = attention_projections(module)
 
     def keep(m: nn.Module, fqn: str) -> bool:
-        return isinstance(m, FakeQuantizedLinear | nn.Linear) and not any(
-            fqn == e or fqn.startswith(e + ".") for e in skipped
+        return (
+            isinstance(m, FakeQuantizedLinear | nn.Linear)
+            and fqn not in attention
+            and not any(fqn == e or fqn.startswith(e + ".") for e in skipped)
         )
 
     quantize_(module, QATConfig(_base_config("qat"), step="convert"), filter_fn=keep)

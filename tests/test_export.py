@@ -105,3 +105,143 @@ def test_a_data_dependent_branch_names_the_module(tmp_path):
     module = logits_module(torch.nn.Sequential(Branchy()))
     with pytest.raises(ConfigError, match=r"cannot trace 0 \(Branchy\).*torch.cond"):
         export_program(module, torch.randn(2, 3), "torch.export", tmp_path / "b.pt2")
+
+
+# -- quantized exports ------------------------------------------------------------------------
+# int8 weights per output channel and activations per token (torchao) or per tensor
+# (onnxruntime) move these small models' outputs by well under 5% of their spread.
+RELATIVE_TOLERANCE = 0.05
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    return float((out - ref).abs().max()) < RELATIVE_TOLERANCE * float(ref.max() - ref.min())
+
+
+def test_quantized_torch_export_runs_torchao_int8(trained, tmp_path):
+    from mneme.app.export import load_model
+    from mneme.app.quantize import quantize_model
+
+    config, ckpt = trained
+    out, side = export(["--config", str(config)], str(ckpt), "torch.export",
+                       str(tmp_path / "q.pt2"), quantize="ptq_dynamic")  # fmt: skip
+    program = torch.export.load(str(out))
+    weights = [v for k, v in program.state_dict.items() if k.endswith("weight")]
+    assert weights and all(type(w).__name__ == "Int8Tensor" for w in weights)
+    x = torch.randn(6, 1, 8, 8)
+    model, _ = load_model(["--config", str(config)], ckpt)
+    with torch.no_grad():
+        expected = quantize_model(model, "ptq_dynamic")(x)  # the in-process int8 model
+        got = program.module()(x)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert _close(got, _reference(config, ckpt, x)) and not torch.equal(got, expected * 0)
+    meta = json.loads(side.read_text())["quantization"]
+    assert meta["mode"] == "ptq_dynamic" and meta["backend"].startswith("torchao")
+
+
+def test_quantized_onnx_is_onnxruntime_int8(trained, tmp_path):
+    import onnx
+    import onnxruntime
+
+    config, ckpt = trained
+    out, side = export(["--config", str(config)], str(ckpt), "onnx", str(tmp_path / "q.onnx"),
+                       quantize="ptq_dynamic")  # fmt: skip
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    x = torch.randn(64, 1, 8, 8)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"x": x.numpy()})
+    assert _close(torch.from_numpy(logits), _reference(config, ckpt, x))
+    assert json.loads(side.read_text())["quantization"]["backend"].startswith("onnxruntime")
+
+
+@pytest.mark.parametrize("mode", ["ptq_static", "ptq_weight_only", "qat8"])
+def test_onnx_refuses_what_it_cannot_hold(mode):
+    match = "--quantize: unknown mode" if mode == "qat8" else f"--quantize {mode}: ONNX cannot"
+    with pytest.raises(ConfigError, match=match):
+        export(["--config", "x.yaml"], "a.ckpt", "onnx", quantize=mode)
+
+
+# -- an aligner: one tower at a time ----------------------------------------------------------
+ALIGNER_CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  callbacks:
+    - class_path: mneme.callbacks.Quantization
+      init_args: {mode: ptq_dynamic, encoders: [image]}
+model:
+  class_path: mneme.app.ContrastiveAligner
+  init_args:
+    embed_dim: 16
+    encoders:
+      image: {model: mneme_mlp, args: {hidden: [32]}}
+      text: {model: mneme-tiny-clip}
+data:
+  benchmark: mneme.datamodules.SplitCaptionedDigits
+  benchmark_args: {n_experiences: 1, context_length: 16}
+"""
+
+
+@pytest.fixture(scope="module")
+def aligner(tmp_path_factory):
+    """An aligner's checkpoint (random towers: what is checked is the export, not training),
+    and a config whose Quantization callback makes the image tower int8 only."""
+    from mneme.app.aligner import ContrastiveAligner
+
+    root = tmp_path_factory.mktemp("aligner")
+    torch.manual_seed(0)
+    model = ContrastiveAligner(
+        encoders={
+            "image": {"model": "mneme_mlp", "args": {"hidden": [32]}},
+            "text": {"model": "mneme-tiny-clip"},
+        },  # fmt: skip
+        embed_dim=16,
+        input_shapes={"image": [1, 8, 8], "text": [16]},
+        num_classes=10,
+    )
+    ckpt = root / "aligner.ckpt"
+    hparams = {**dict(model.hparams), "_class_path": "mneme.app.ContrastiveAligner"}
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, ckpt)
+    config = root / "config.yaml"
+    config.write_text(ALIGNER_CONFIG)
+    return config, ckpt, model.eval()
+
+
+def test_aligner_towers_export_quantized_as_the_config_asks(aligner, tmp_path):
+    config, ckpt, model = aligner
+    args = ["--config", str(config)]
+    out, side = export(args, str(ckpt), "torch.export", str(tmp_path / "image.pt2"),
+                       tower="image")  # fmt: skip
+    meta = json.loads(side.read_text())
+    assert meta["tower"] == "image" and meta["shape"] == ["batch", 1, 8, 8]
+    assert meta["output_name"] == "tower_embedding" and meta["embed_dim"] == 16
+    assert meta["quantization"]["mode"] == "ptq_dynamic"  # from the config's callback
+    program = torch.export.load(str(out))
+    assert any(type(v).__name__ == "Int8Tensor" for v in program.state_dict.values())
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        ref = model.encoders["image"](x)
+        got = program.module()(x)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.99
+
+    # The text tower is not in the callback's `encoders`: exported float, token ids in.
+    out, side = export(args, str(ckpt), "torch.export", str(tmp_path / "text.pt2"),
+                       tower="text")  # fmt: skip
+    meta = json.loads(side.read_text())
+    assert meta["quantization"] is None and meta["dtype"] == "int64"
+    assert meta["tokenizer"]["name"] == "mneme-tiny-clip"
+    assert meta["tokenizer"]["context_length"] == 16
+    tokens = model.encoders["text"].backbone.tokenize(["a photo of a 3", "the digit seven"])
+    with torch.no_grad():
+        expected = model.encoders["text"](tokens)
+    assert torch.allclose(torch.export.load(str(out)).module()(tokens), expected, atol=1e-5)
+
+
+def test_aligner_needs_a_known_tower(aligner):
+    from mneme.app.export import target_of
+
+    _, _, model = aligner
+    with pytest.raises(ConfigError, match=r"--tower: a ContrastiveAligner exports one tower"):
+        target_of(model, None)
+    with pytest.raises(ConfigError, match=r"--tower: .*no tower 'audio'; use one of"):
+        target_of(model, "audio")
