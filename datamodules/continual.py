@@ -76,6 +76,11 @@ class ContinualDataModule(LightningDataModule):
             memory, or random augmentation): nothing is read up front, and strategies read
             only the samples they use (:mod:`mneme.datamodules.experiences`).
         data_on_device: with ``materialize``, keep the tensors on the training device.
+        num_workers: DataLoader workers of a stream read on demand (``materialize: false``,
+            file streams: decoding and augmentation run in them).
+        prefetch_factor: batches each worker loads ahead, for a file stream
+            (:mod:`mneme.datamodules.file_stream`; its workers persist through an
+            experience, and memory is pinned when training on CUDA).
         validate_each_epoch: validate after every epoch, not only at experience ends.
         seed: seed of the per-epoch shuffling; default the run's (``seed_everything``).
         trusted_benchmarks: import paths of your own benchmark factories that ``benchmark``
@@ -105,6 +110,7 @@ class ContinualDataModule(LightningDataModule):
         materialize: bool = True,
         data_on_device: bool = False,
         num_workers: int = 0,
+        prefetch_factor: int = 2,
         validate_each_epoch: bool = False,
         seed: int | None = None,
         trusted_benchmarks: Sequence[str] = (),
@@ -117,6 +123,7 @@ class ContinualDataModule(LightningDataModule):
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size),
             ("max_classes", max_classes),
+            ("prefetch_factor", prefetch_factor),
         ):
             if value < 1:
                 raise ConfigError(f"data.{name}: must be at least 1, got {value}")
@@ -134,6 +141,7 @@ class ContinualDataModule(LightningDataModule):
         self.materialize = materialize
         self.data_on_device = data_on_device
         self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
         self.validate_each_epoch = validate_each_epoch
         self.seed = seed
         self.max_classes = max_classes
@@ -207,6 +215,9 @@ class ContinualDataModule(LightningDataModule):
         return list(self._declared.prompt_templates)
 
     def _experience(self, experience) -> ExperienceData:
+        if isinstance(experience, ExperienceData):  # a stream that serves its own (files):
+            experience.num_workers = self.num_workers  # never materialized
+            return experience
         if self.materialize:
             return materialize(experience.dataset, self._declared.fields)
         return DatasetExperience(experience, self._declared.fields, self.num_workers)
@@ -330,6 +341,15 @@ class ContinualDataModule(LightningDataModule):
         }
         if isinstance(experience, TensorExperience):
             return TensorBatches(experience.tensors, batch_size, **order)
+        if hasattr(experience, "loader"):  # a file stream's experience builds its own
+            accelerator = trainer.strategy.root_device.type if trainer else "cpu"
+            return experience.loader(
+                batch_size,
+                order,
+                num_workers=self.num_workers,
+                pin_memory=accelerator == "cuda",
+                prefetch_factor=self.prefetch_factor,
+            )
         return DataLoader(
             experience.dataset,
             batch_size=batch_size,
