@@ -184,3 +184,84 @@ def fit_with(*callbacks):
     )
     trainer.fit(net, data)
     return trainer, net, data
+
+
+# -- attention and the aligner's towers -------------------------------------------------------
+def test_attention_out_proj_stays_float_and_is_named():
+    from mneme.app.quantize import float_layers
+
+    seed_everything(0)
+    net = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
+    x = torch.randn(8, 5, 32)
+    with torch.no_grad():
+        ref = net(x)
+        q = quantize_model(net, "ptq_dynamic")
+        out = q(x)  # torchao's Int8Tensor in out_proj would fail here (aten.t)
+    assert type(q.linear1.weight).__name__ == "Int8Tensor"
+    assert isinstance(q.self_attn.out_proj.weight, nn.Parameter)
+    assert float((out - ref).abs().max()) < RELATIVE_TOLERANCE * float(ref.max() - ref.min())
+    assert float_layers(net) == {"MultiheadAttention.in_proj": 1, "MultiheadAttention.out_proj": 1}
+    with pytest.raises(ConfigError, match=r"nn.Linear only \(not a MultiheadAttention's out_proj"):
+        quantize_model(nn.MultiheadAttention(8, 2), "ptq_dynamic")
+
+
+def test_tower_selection_is_checked():
+    from mneme.app.quantize import tower_exclude
+
+    towers = nn.Module()
+    towers.encoders = nn.ModuleDict({"image": nn.Linear(2, 2), "text": nn.Linear(2, 2)})
+    assert tower_exclude(towers, ["image"], "Quantization.encoders") == ["encoders.text"]
+    assert tower_exclude(towers, None, "Quantization.encoders") == []
+    with pytest.raises(ConfigError, match=r"Quantization.encoders: \['audio'\] names no encoder"):
+        tower_exclude(towers, ["audio"], "Quantization.encoders")
+    with pytest.raises(ConfigError, match="Quantization.encoders: Sequential has no per-modality"):
+        tower_exclude(nn.Sequential(nn.Linear(2, 2)), ["image"], "Quantization.encoders")
+
+
+def test_aligner_image_tower_int8_with_zero_shot_and_retrieval_next_to_float(tmp_path):
+    from mneme.app.aligner import ContrastiveAligner
+
+    seed_everything(0)
+    net = ContrastiveAligner(
+        encoders={"image": {"model": "mneme_mlp", "args": {"hidden": [32]}}, "text": {}},
+        embed_dim=16,
+        label_aware=True,
+    )
+    data = ContinualDataModule(
+        benchmark="mneme.datamodules.SplitCaptionedDigits",
+        benchmark_args={"n_experiences": 2},
+        batch_size=256,
+    )
+    callback = Quantization(mode="ptq_dynamic", encoders=["image"])
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path / "csv"),
+        default_root_dir=tmp_path,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **data.trainer_settings(),
+    )
+    trainer.fit(net, data)
+    # Only the image tower is made int8 in the copies; the text tower stays float.
+    copy = callback.quantized_copy(trainer, net, 1)
+    assert type(copy.encoders["image"].projection.weight).__name__ == "Int8Tensor"
+    assert all(isinstance(p, nn.Parameter) for p in copy.encoders["text"].parameters())
+    assert all(isinstance(p, nn.Parameter) for p in net.parameters())  # the model itself
+    f, q = callback.float_rows, callback.quantized_rows
+    assert len(f) == len(q) == 2 and all(len(r) == 2 for r in f + q)
+    gaps = [abs(a - b) for fr, qr in zip(f, q, strict=True) for a, b in zip(fr, qr, strict=True)]
+    assert max(gaps) <= 0.05
+    assert len(callback.retrieval) == 2
+    for row in callback.retrieval:
+        assert set(row["float"]) == {"recall@1_image_to_text", "recall@1_text_to_image"}
+        for name, value in row["float"].items():
+            assert abs(row["quantized"][name] - value) <= 0.05
+    summary = json.loads((Path(trainer.log_dir) / "quantized_metrics.json").read_text())
+    assert summary["encoders"] == ["image"] and len(summary["retrieval"]) == 2
+    logged = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "quantized/recall@1_image_to_text" in logged.split(",")
+    restored = Quantization(mode="ptq_dynamic", encoders=["image"])
+    restored.load_state_dict(callback.state_dict())
+    assert restored.retrieval == callback.retrieval
