@@ -10,6 +10,8 @@ _EXPORTS = {
     "ContrastiveAligner": "mneme.app.aligner",
     "MetaLearner": "mneme.app.meta_learning",
     "FewShotEvaluator": "mneme.app.fewshot_eval",
+    "FusionClassifier": "mneme.app.fusion",
+    "MoEHead": "mneme.app.moe",
     "PrototypicalNetwork": "mneme.app.protonet",
     # prototype heads, and the class statistics few-shot evaluation shares with them
     "ClassStatistics": "mneme.app.prototypes",

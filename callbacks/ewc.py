@@ -209,7 +209,10 @@ class EWC(ExperienceCallback):
     def loss(self, pl_module: LightningModule, batch: Batch) -> Tensor:
         """The loss whose squared gradients give the Fisher: cross-entropy of the module's
         logits (override for other objectives)."""
-        logits = pl_module(batch[pl_module.input_key], batch.get("task"))
+        if hasattr(pl_module, "batch_logits"):  # a module of several inputs (a fusion)
+            logits = pl_module.batch_logits(batch)
+        else:
+            logits = pl_module(batch[pl_module.input_key], batch.get("task"))
         return F.cross_entropy(logits, batch["label"])
 
     @torch.enable_grad()
@@ -240,8 +243,13 @@ class EWC(ExperienceCallback):
         pl_module.eval()
         for batch in data.batches(batch_size, index):
             batch = {key: value.to(pl_module.device) for key, value in batch.items()}
-            # autograd.grad leaves `.grad` (and DDP's gradient hooks) untouched.
-            grads = torch.autograd.grad(self.loss(pl_module, batch), params, allow_unused=True)
+            # autograd.grad leaves `.grad` (and DDP's gradient hooks) untouched. A parameter
+            # frozen since the penalty was bound (an old expert, mneme.app.moe) gets zeros.
+            live = [p for p in params if p.requires_grad]
+            loss = self.loss(pl_module, batch)
+            found = torch.autograd.grad(loss, live, allow_unused=True) if live else ()
+            by_param = dict(zip(map(id, live), found, strict=True))
+            grads = [by_param.get(id(p)) for p in params]
             flat = torch.cat(
                 [
                     (g if g is not None else torch.zeros_like(p)).reshape(-1)
