@@ -21,7 +21,6 @@ _EXPORTS = {
     "SplitMNISTFile": "mneme.datamodules.streams",
     "SpokenDigits": "mneme.datamodules.spoken_digits",
     "SpokenMNIST": "mneme.datamodules.paired",
-    "SpokenMNIST": "mneme.datamodules.paired",
     "TensorBatches": "mneme.datamodules.tensor_batches",
     "check_class_splits": "mneme.datamodules.episodes",
     "current_experience": "mneme.datamodules.schedule",
