@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 from mneme.app.protocols import Prunable, require
 from mneme.callbacks.experience import ExperienceCallback
 from mneme.datamodules.errors import ConfigError
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 SCHEDULES = ("one_shot", "cubic")
-METHODS = ("unstructured", "structured")
+METHODS = ("unstructured", "structured", "heads")
 SCOPES = ("global", "layer")
 LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Linear": nn.Linear,
@@ -21,7 +22,7 @@ LAYER_TYPES: dict[str, type[nn.Module]] = {
     "Conv2d": nn.Conv2d,
     "Conv3d": nn.Conv3d,
 }
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: head masks
 
 
 def cubic_sparsity(target: float, step: int, steps: int, initial: float = 0.0) -> float:
@@ -55,6 +56,16 @@ class Pruning(ExperienceCallback):
     - ``structured``: whole slices along ``dim`` (0: output neurons/channels; for a
       Transformer's attention projections, output rows = heads' dimensions) by their L``n``
       norm (``prune.ln_structured``), each layer to the sparsity.
+    - ``heads``: whole attention heads of every ``nn.MultiheadAttention`` (open_clip's and
+      torch's Transformers), each to the sparsity (a fraction of its heads): a head's query,
+      key and value rows of the packed ``in_proj_weight`` (and ``in_proj_bias``) are masked
+      together (``prune.custom_from_mask``), ranked by their joint L``n`` norm, so the head
+      attends uniformly over zero values and adds nothing to ``out_proj``. Logged as
+      ``prune/<attention>`` (fraction of heads) and ``prune/heads``.
+
+    A ``MultiheadAttention``'s ``out_proj`` is never pruned as a Linear: torch reads its
+    weight directly instead of calling it, so torch-prune's mask would not be applied (and
+    the layer would stop training); it is named once at fit start.
 
     Checkpoints hold plain state_dicts (``weight``, not torch's ``weight_orig`` and
     ``weight_mask``: rewritten in ``on_save_checkpoint``) and the masks in this callback's
@@ -69,7 +80,7 @@ class Pruning(ExperienceCallback):
     Args:
         amount: target sparsity in ``[0, 1)``.
         schedule: ``one_shot`` or ``cubic``.
-        method: ``unstructured`` or ``structured``.
+        method: ``unstructured``, ``structured`` or ``heads``.
         scope: ``global`` or ``layer`` (``structured`` is per layer).
         start_experience: first pruning step's experience.
         end_experience: last step's experience (``cubic``); default the stream's last but one,
@@ -136,6 +147,7 @@ class Pruning(ExperienceCallback):
         self.regrow = regrow
         self.remove_at_end = remove_at_end
         self.masks: dict[str, Tensor] = {}  # layer name -> bool mask of its weight
+        self.head_masks: dict[str, Tensor] = {}  # attention name -> bool mask of its heads
         self.steps_done: list[int] = []  # experiences whose step ran
         self.sparsity = 0.0  # the sparsity the last step asked
 
@@ -143,15 +155,38 @@ class Pruning(ExperienceCallback):
     def layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """The layers pruned, by name."""
         kinds = tuple(LAYER_TYPES[t] for t in self.layer_types)
+        attention = _attention_out_projections(pl_module)
         return {
             name: m
             for name, m in pl_module.named_modules()
-            if isinstance(m, kinds)
-            and name
-            and not any(name == e or name.startswith(e + ".") for e in self.exclude)
+            if isinstance(m, kinds) and name and name not in attention and not self._excluded(name)
         }
 
-    def _check(self, layers: dict[str, nn.Module]) -> None:
+    def _excluded(self, name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in self.exclude)
+
+    def attention_layers(self, pl_module: nn.Module) -> dict[str, nn.MultiheadAttention]:
+        """The attention modules whose heads ``heads`` prunes, by name."""
+        return {
+            name: m
+            for name, m in pl_module.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and name and not self._excluded(name)
+        }
+
+    def _check(self, layers: dict[str, nn.Module], attention: dict | None = None) -> None:
+        if self.method == "heads":
+            if not attention:
+                raise ConfigError(
+                    "Pruning.method: 'heads' prunes nn.MultiheadAttention heads; the module "
+                    f"has none outside {self.exclude}; use unstructured or structured"
+                )
+            for name, m in attention.items():
+                if m.in_proj_weight is None:
+                    raise ConfigError(
+                        f"Pruning.method: 'heads' needs packed q/k/v projections; {name} has "
+                        "separate ones (kdim/vdim differ from embed_dim); exclude it"
+                    )
+            return
         if not layers:
             raise ConfigError(
                 f"Pruning.layer_types: the module has no {self.layer_types} layer outside "
@@ -182,6 +217,9 @@ class Pruning(ExperienceCallback):
     @torch.no_grad()
     def prune_to(self, pl_module: nn.Module, sparsity: float) -> None:
         """Prune the layers to ``sparsity`` (never un-pruning a weight)."""
+        if self.method == "heads":
+            self._prune_heads(pl_module, sparsity)
+            return
         layers = self.layers(pl_module)
         if self.method == "structured":
             for m in layers.values():
@@ -210,6 +248,38 @@ class Pruning(ExperienceCallback):
             n: m.weight_mask.bool().cpu() for n, m in layers.items() if prune.is_pruned(m)
         }
 
+    @torch.no_grad()
+    def _prune_heads(self, pl_module: nn.Module, sparsity: float) -> None:
+        # Hand-written: torch prune ranks slices of one tensor, and a head is three row
+        # blocks (q, k, v) of in_proj_weight plus its bias; the mask is built here and
+        # applied with prune.custom_from_mask, so removal and checkpoints work as for Linears.
+        for name, m in self.attention_layers(pl_module).items():
+            heads, dim = m.num_heads, m.head_dim
+            alive = self.head_masks.get(name, torch.ones(heads, dtype=torch.bool)).clone()
+            weight = m.in_proj_weight.detach().view(3, heads, dim, -1)
+            score = weight.abs().pow(self.norm).sum(dim=(0, 2, 3))  # L_n^n: same order
+            score = score.cpu().masked_fill(~alive, float("-inf"))
+            extra = round(sparsity * heads) - int((~alive).sum())
+            if extra > 0:
+                order = torch.argsort(score)  # pruned heads (-inf) first, then the weakest
+                alive[order[: int((~alive).sum()) + extra]] = False
+            self.head_masks[name] = alive
+            self._mask_heads(m, alive)
+
+    @staticmethod
+    @torch.no_grad()
+    def _mask_heads(m: nn.MultiheadAttention, alive: Tensor) -> None:
+        rows = alive.to(m.in_proj_weight.device).repeat_interleave(m.head_dim).repeat(3)
+        for param in ("in_proj_weight", "in_proj_bias"):
+            if getattr(m, param) is None:
+                continue
+            if prune.is_pruned(m) and hasattr(m, param + "_mask"):
+                prune.remove(m, param)  # the new mask replaces (and contains) the old one
+            shape = getattr(m, param).shape
+            mask = rows.view(-1, *([1] * (len(shape) - 1))).expand(shape).float()
+            prune.custom_from_mask(m, param, mask)
+            getattr(m, param + "_orig").mul_(mask)
+
     @staticmethod
     @torch.no_grad()
     def _zero_pruned(layers: dict[str, nn.Module]) -> None:
@@ -230,15 +300,33 @@ class Pruning(ExperienceCallback):
             if not prune.is_pruned(m):
                 prune.custom_from_mask(m, "weight", mask.to(m.weight.device))
         self._zero_pruned(layers)
+        attention = self.attention_layers(pl_module)
+        missing = [n for n in self.head_masks if n not in attention]
+        if missing:
+            raise ConfigError(f"Pruning: the model lacks the pruned attention {missing[:5]}")
+        for name, alive in self.head_masks.items():
+            if not prune.is_pruned(attention[name]):
+                self._mask_heads(attention[name], alive)
 
     def remove(self, pl_module: nn.Module) -> None:
         """``prune.remove`` on every pruned layer: plain ``weight`` Parameters, zeros kept."""
         for m in self.layers(pl_module).values():
             if prune.is_pruned(m):
                 prune.remove(m, "weight")
+        for m in self.attention_layers(pl_module).values():
+            for param in ("in_proj_weight", "in_proj_bias"):
+                if hasattr(m, param + "_mask"):
+                    prune.remove(m, param)
 
     def report(self, pl_module: nn.Module) -> dict[str, float]:
-        """Sparsity per layer (``prune/<layer>``) and over all pruned layers."""
+        """Sparsity per layer (``prune/<layer>``) and over all pruned layers (``heads``: the
+        fraction of each attention's heads, and over all of them)."""
+        if self.method == "heads":
+            out = {f"prune/{n}": 1 - float(a.float().mean()) for n, a in self.head_masks.items()}
+            total = sum(len(a) for a in self.head_masks.values())
+            dead = sum(int((~a).sum()) for a in self.head_masks.values())
+            out["prune/heads"] = dead / max(total, 1)
+            return out
         layers = self.layers(pl_module)
         out = {f"prune/{n}": layer_sparsity(m) for n, m in layers.items()}
         zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
@@ -251,16 +339,26 @@ class Pruning(ExperienceCallback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The module has built its layers in its own `setup`, which runs after this one's.
-        self._check(self.layers(pl_module))
+        self._check(self.layers(pl_module), self.attention_layers(pl_module))
+        skipped = [
+            n
+            for n in _attention_out_projections(pl_module)
+            if not self._excluded(n) and self.method != "heads"
+        ]
+        if skipped:
+            rank_zero_info(
+                f"Pruning: not pruned, MultiheadAttention out_proj (torch reads its weight "
+                f"without calling it): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}"
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.masks:  # restored from a checkpoint: the weights are loaded now
             self.apply_masks(pl_module)
 
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
-        if self.regrow and self.masks:
+        if self.regrow and (self.masks or self.head_masks):
             self.remove(pl_module)
-            self.masks = {}
+            self.masks, self.head_masks = {}, {}
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         if experience in self.steps_done:
@@ -282,12 +380,14 @@ class Pruning(ExperienceCallback):
         state = checkpoint.get("state_dict")
         if state is None:
             return
-        for name in self.masks:
-            prefix = f"{name}."
-            if prefix + "weight_orig" in state:
-                orig = state.pop(prefix + "weight_orig")
-                mask = state.pop(prefix + "weight_mask")
-                state[prefix + "weight"] = orig * mask
+        params = [(name, "weight") for name in self.masks]
+        params += [(n, p) for n in self.head_masks for p in ("in_proj_weight", "in_proj_bias")]
+        for name, param in params:
+            prefix = f"{name}.{param}"
+            if prefix + "_orig" in state:
+                orig = state.pop(prefix + "_orig")
+                mask = state.pop(prefix + "_mask")
+                state[prefix] = orig * mask
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.remove_at_end:
@@ -303,6 +403,7 @@ class Pruning(ExperienceCallback):
             "version": STATE_VERSION,
             "method": self.method,
             "masks": {n: m.cpu() for n, m in self.masks.items()},
+            "head_masks": {n: m.cpu() for n, m in self.head_masks.items()},
             "steps_done": list(self.steps_done),
             "sparsity": self.sparsity,
         }
@@ -314,8 +415,17 @@ class Pruning(ExperienceCallback):
                 f"'{self.method}'; resume with the same method"
             )
         self.masks = dict(state_dict["masks"])
+        self.head_masks = dict(state_dict.get("head_masks", {}))  # version 1 had none
         self.steps_done = list(state_dict["steps_done"])
         self.sparsity = float(state_dict["sparsity"])
+
+
+def _attention_out_projections(module: nn.Module) -> set[str]:
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
 
 
 def _mask(module: nn.Module) -> Tensor:

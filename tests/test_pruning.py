@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ContinualMetrics, Pruning
@@ -177,3 +177,82 @@ def test_bad_arguments(kwargs, field):
 def test_structured_on_a_layer_without_that_dim():
     with pytest.raises(ConfigError, match=r"Pruning\.dim: .*has a 2-D weight, no dim 2"):
         Pruning(method="structured", dim=2)._check(linears(model()))
+
+
+class MaskSpy(Callback):
+    """Copies the Pruning callback's masks and the pruned layers' weights at each experience
+    end: before the Pruning step when listed before it, after the step when listed after."""
+
+    def __init__(self, pruning: Pruning) -> None:
+        self.pruning, self.masks, self.weights = pruning, [], []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.masks.append({n: m.clone() for n, m in self.pruning.masks.items()})
+        self.weights.append({n: m.weight.detach().clone() for n, m in linears(pl_module).items()})
+
+
+@pytest.mark.parametrize("regrow", [False, True])
+def test_regrow_lifts_the_masks_each_experience(regrow):
+    p = Pruning(amount=0.6, schedule="cubic", scope="global", end_experience=2, regrow=regrow)
+    before, after = MaskSpy(p), MaskSpy(p)
+    _, net = fit(before, p, after)
+    regrown = 0
+    for name, mask in after.masks[0].items():  # the masks of the step at experience 0
+        trained = before.weights[1][name][~mask]  # those weights after experience 1 trained
+        regrown += int((trained != 0).sum())
+        # Without regrow a later step prunes among the survivors only: masks only shrink.
+        assert bool((after.masks[1][name] <= mask).all()) or regrow, name
+    # With regrow the pruned weights trained again (from zero) during experience 1.
+    assert (regrown > 0) == regrow
+    # Each step reaches its target either way; the last one (experience 2) is 0.6.
+    assert p.sparsity == pytest.approx(0.6)
+    for step, target in ((1, cubic_sparsity(0.6, 2, 3)), (2, 0.6)):
+        zeros = sum(int((w == 0).sum()) for w in after.weights[step].values())
+        total = sum(w.numel() for w in after.weights[step].values())
+        assert zeros / total == pytest.approx(target, abs=0.01)
+
+
+def attention_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True))
+
+
+def test_heads_pruning_masks_whole_heads_and_survives_a_checkpoint():
+    net = attention_net()
+    p = Pruning(amount=0.5, method="heads", exclude=[])
+    p._check(p.layers(net), p.attention_layers(net))
+    p.prune_to(net, 0.25)
+    p.prune_to(net, 0.5)  # among the surviving heads only
+    (alive,) = p.head_masks.values()
+    assert int(alive.sum()) == 2 and p.report(net)["prune/heads"] == 0.5
+    attn = net[0].self_attn
+    dead = ~alive
+    assert bool((attn.in_proj_weight.view(3, 4, 8, 32)[:, dead] == 0).all())
+    assert bool((attn.in_proj_bias.view(3, 4, 8)[:, dead] == 0).all())
+    x = torch.randn(3, 5, 32)
+    net(x).sum().backward()  # pruned heads get no gradient: they stay pruned while training
+    assert bool((attn.in_proj_weight_orig.grad.view(3, 4, 8, 32)[:, dead] == 0).all())
+
+    # A checkpoint holds the plain weights and the head masks; a fresh model resumes them.
+    checkpoint = {"state_dict": net.state_dict()}
+    p.on_save_checkpoint(None, None, checkpoint)
+    assert "0.self_attn.in_proj_weight" in checkpoint["state_dict"]
+    assert not [k for k in checkpoint["state_dict"] if k.endswith(("_orig", "_mask"))]
+    fresh = attention_net()
+    fresh.load_state_dict(checkpoint["state_dict"])
+    resumed = Pruning(amount=0.5, method="heads", exclude=[])
+    resumed.load_state_dict(p.state_dict())
+    resumed.apply_masks(fresh)
+    net.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), net(x), atol=1e-6)
+    resumed.remove(fresh)
+    assert not prune.is_pruned(fresh)
+    assert int((fresh[0].self_attn.in_proj_weight == 0).all(1).sum()) == 3 * 2 * 8
+
+
+def test_attention_out_proj_is_never_pruned_as_a_linear():
+    p = Pruning(exclude=[])
+    assert set(p.layers(attention_net())) == {"0.linear1", "0.linear2"}
+    with pytest.raises(ConfigError, match="Pruning.method: 'heads' prunes nn.MultiheadAttention"):
+        Pruning(method="heads")._check({}, {})
