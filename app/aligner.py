@@ -64,6 +64,11 @@ class ContrastiveAligner(ContinualModule):
         recall_by_label: a retrieval hits when it finds the same class (for captions that
             repeat per class), not only the paired item.
         input_shapes, num_classes: read from the datamodule when not given.
+        compile: ``torch.compile`` every modality tower in place (``true``, or
+            torch.compile's arguments ``{mode: max-autotune, fullgraph: false, dynamic:
+            false}``), and the strategies' loss terms unless ``loss_terms: false``; see
+            :meth:`ContinualModule.configure_model`. On a GPU pair it with
+            ``trainer.precision: bf16-mixed``.
 
     Example (YAML)::
 
@@ -97,8 +102,9 @@ class ContrastiveAligner(ContinualModule):
         recall_by_label: bool = False,
         input_shapes: dict[str, Sequence[int]] | None = None,
         num_classes: int | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__(optimizer, reset_optimizer)
+        super().__init__(optimizer, reset_optimizer, compile)
         encoders = dict(encoders or DEFAULT_ENCODERS)
         if text_key not in encoders:
             raise ConfigError(
@@ -154,6 +160,9 @@ class ContrastiveAligner(ContinualModule):
                 for p in self.pairs
             }
         )
+
+    def compiled_modules(self) -> list[nn.Module]:
+        return list(self.encoders.values())
 
     @staticmethod
     def pair_name(pair: Sequence[str]) -> str:

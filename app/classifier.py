@@ -88,6 +88,11 @@ class ContinualClassifier(ContinualModule):
             given; a pretrained encoder undoes it (Avalanche's SplitCIFAR100 normalizes with
             ``[[0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]]``).
         input_key: the batch key of the input.
+        compile: ``torch.compile`` the encoder in place (``true``, or torch.compile's
+            arguments ``{mode: max-autotune, fullgraph: false, dynamic: false, backend:
+            inductor}``), and the strategies' loss terms unless ``loss_terms: false``; see
+            :meth:`ContinualModule.configure_model`. On a GPU pair it with
+            ``trainer.precision: bf16-mixed``.
 
     Example (YAML)::
 
@@ -120,8 +125,9 @@ class ContinualClassifier(ContinualModule):
         input_shape: Sequence[int] | None = None,
         input_normalization: Sequence[float | Sequence[float]] | None = None,
         input_key: str = "image",
+        compile: bool | dict[str, Any] = False,
     ) -> None:
-        super().__init__(optimizer, reset_optimizer)
+        super().__init__(optimizer, reset_optimizer, compile)
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
         self.input_key = input_key
         self.encoder: nn.Module | None = None
@@ -195,6 +201,9 @@ class ContinualClassifier(ContinualModule):
                     f"model.{key}: the model has {model[key]} but the stream needs "
                     f"{stream[key]}; use a model (or checkpoint) made for this stream"
                 )
+
+    def compiled_modules(self) -> list[nn.Module]:
+        return [self.encoder]
 
     # -- prototype statistics -------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -69,15 +69,15 @@ def rebuild_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     defaults = optimizer.defaults
     if defaults.get("fused") is not None or defaults.get("foreach"):
         return optimizer  # chosen by the config
-    if (
-        defaults.get("differentiable")
-        or "fused" not in inspect.signature(type(optimizer)).parameters
-    ):
-        return optimizer
-    if optimizer.state:
-        return optimizer  # already stepped: its state belongs to this instance
+    arguments = inspect.signature(type(optimizer)).parameters
+    if defaults.get("differentiable") or "fused" not in arguments or optimizer.state:
+        return optimizer  # not fusable, or already stepped (its state is this instance's)
+    # Groups hold every default (``fused: None`` too), so each group gets the flag; the
+    # constructor takes only its own arguments (AdamW's defaults hold more).
+    kwargs = {k: v for k, v in defaults.items() if k in arguments}
+    groups = [{**group, "fused": True} for group in optimizer.param_groups]
     try:
-        return type(optimizer)(optimizer.param_groups, **{**defaults, "fused": True})
+        return type(optimizer)(groups, **{**kwargs, "fused": True})
     except (TypeError, RuntimeError, ValueError):  # a subclass with other arguments
         return optimizer
 

@@ -43,8 +43,10 @@ class _Quadratic(torch.autograd.Function):
         grads, ctx.u = ctx.u, None
         torch._foreach_mul_(grads, ctx.roots)
         # The output gradient is 1 unless the loss is scaled (AMP, accumulation); reading it
-        # is free on the CPU, and on an accelerator a multiply is cheaper than a sync.
-        if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+        # is free on the CPU, and on an accelerator a multiply is cheaper than a sync. Under
+        # torch.compile ``.item()`` would break the graph: multiply (fused, about free).
+        compiling = torch.compiler.is_compiling()
+        if compiling or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
             torch._foreach_mul_(grads, grad_output)
         return None, None, *grads
 
@@ -145,6 +147,9 @@ class EWC(ExperienceCallback):
         self._roots: list[Tensor] | None = None
         self._offsets: list[Tensor] | None = None
         self._const = 0.0
+        # λ/2 c as a 0-d tensor for the penalty: a float attribute read there would be a
+        # constant of a compiled penalty (model.compile), recompiled at every experience.
+        self._const_term: Tensor | None = None
         self._folded_lambda = ewc_lambda
         self._u: list[Tensor] | None = None  # decoupled: √(λA) ⊙ (θ - m) of the last forward
         self._calls = 0  # decoupled: penalty evaluations since the last optimizer step
@@ -163,7 +168,7 @@ class EWC(ExperienceCallback):
                 value = torch.stack(torch._foreach_norm(self._u)).square().sum() / 2
         else:
             value = _Quadratic.apply(self._roots, self._offsets, *self._params)
-        return value + self.ewc_lambda / 2 * self._const if self._const else value
+        return value + self._const_term
 
     @torch.no_grad()
     def apply_gradient(self, accumulate_grad_batches: int = 1) -> None:
@@ -182,7 +187,7 @@ class EWC(ExperienceCallback):
     def consolidate(self) -> None:
         """Fold the stored ``(F_e, θ*_e)`` into one quadratic ``A (θ - m)² + c`` and its
         per-parameter coefficients ``r = √(λA)``, ``o = -r m``."""
-        self._roots = self._offsets = None
+        self._roots = self._offsets = self._const_term = None
         self._const = 0.0
         if not self.fishers:
             return
@@ -203,6 +208,9 @@ class EWC(ExperienceCallback):
             o.view_as(p).to(p.dtype)
             for o, p in zip(offsets.split(sizes), self._params, strict=True)
         ]
+        self._const_term = torch.tensor(
+            self.ewc_lambda / 2 * self._const, dtype=self._params[0].dtype, device=roots.device
+        )
         self._folded_lambda = self.ewc_lambda
 
     # -- the Fisher -----------------------------------------------------------------------

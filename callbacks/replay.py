@@ -212,7 +212,12 @@ class Replay(ExperienceCallback):
         n = self.replay_batch_size or len(next(iter(batch.values())))
         index = self.sample(n, rank, *step)
         device = next(iter(self.buffer.values())).device
-        index = index.to(device, non_blocking=True)
+        return self.append(batch, index.to(device, non_blocking=True))
+
+    def append(self, batch: Batch, index: Tensor) -> Batch:
+        """``batch`` with the buffer rows ``index`` appended to every key. Apart from the
+        draw (a seeded host generator per step, which torch.compile cannot trace), so that
+        this part traces without a graph break (tests/test_compile.py)."""
         out = {}
         for key, value in batch.items():
             if key != CURRENT_ROWS:
