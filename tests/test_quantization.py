@@ -265,3 +265,30 @@ def test_aligner_image_tower_int8_with_zero_shot_and_retrieval_next_to_float(tmp
     restored = Quantization(mode="ptq_dynamic", encoders=["image"])
     restored.load_state_dict(callback.state_dict())
     assert restored.retrieval == callback.retrieval
+
+
+def test_qat_prepares_only_the_chosen_towers():
+    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.quantize import convert_qat, tower_exclude
+
+    seed_everything(0)
+    net = ContrastiveAligner(
+        encoders={"image": {"model": "mneme_mlp", "args": {"hidden": [16]}}, "text": {}},
+        embed_dim=16,
+        input_shapes={"image": [1, 8, 8], "text": [16]},
+        num_classes=10,
+    )
+    exclude = tower_exclude(net, ["text"], "Quantization.encoders")
+    prepare_qat(net, exclude)
+    kinds = {n: type(m).__name__ for n, m in net.named_modules()}
+    fake = {n for n, k in kinds.items() if k == "FakeQuantizedLinear"}
+    assert fake and all(n.startswith("encoders.text.") for n in fake)
+    assert not any(n.endswith("out_proj") for n in fake)  # attention's stays a Linear
+    tokens = torch.randint(1, 400, (4, 16))
+    net.encoders["text"](tokens).sum().backward()  # trains through the fake quantization
+    assert net.encoders["text"].projection.weight.grad is not None
+    convert_qat(net.eval(), exclude)
+    assert type(net.encoders["text"].projection.weight).__name__ == "Int8Tensor"
+    assert isinstance(net.encoders["image"].projection.weight, nn.Parameter)
+    with torch.no_grad():
+        assert net.encoders["text"](tokens).shape == (4, 16)
