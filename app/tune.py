@@ -683,10 +683,16 @@ def finished(study) -> int:
 
 def tune(config_args: list[str], search_path: str, trials: int, study_dir: str | None = None):
     """Run (or continue) the search to ``trials`` finished trials; returns the study."""
+    import logging
+
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
 
+    optuna.logging.get_verbosity()  # makes optuna attach its stderr handler
+    for handler in logging.getLogger("optuna").handlers:  # a filter on the handler sees
+        if _one_line_failures not in handler.filters:  # the records of every optuna.* logger
+            handler.addFilter(_one_line_failures)
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials: got {trials}; pass how many finished trials to reach (>= 1)")
     if not any(a == "--config" or a.startswith("--config=") for a in config_args):
@@ -768,7 +774,14 @@ def report(study, objective: Objective, folder: Path) -> None:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The tune options; the rest (``--config``, fit overrides) goes to the CLI's parser."""
-    parser = argparse.ArgumentParser(prog="mneme tune", usage=USAGE, add_help=True)
+    parser = argparse.ArgumentParser(
+        prog="mneme tune",
+        usage=USAGE.removeprefix("usage: "),
+        description="Hyperparameter search over any config key with Optuna.",
+        epilog="the search file (--search):\n"
+        + __doc__.split("The search file::", 1)[1].split("Keys:", 1)[0].rstrip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--search", required=False, help="YAML of the search space")
     parser.add_argument("--trials", type=str, default=None, help="finished trials to reach")
     parser.add_argument("--study_dir", default=None, help="default <save_dir>/<name>/tune")
@@ -795,11 +808,8 @@ def _one_line_failures(record) -> bool:
 
 def main(argv: list[str]) -> None:
     """``mneme tune ...``: one line on the user's errors."""
-    import logging
-
     from mneme.app.cli import RunInterrupted, debug_mode, rank_zero_error
 
-    logging.getLogger("optuna").addFilter(_one_line_failures)
     try:
         options, rest = parse_args(argv)
         tune(rest, options.search, options.trials, options.study_dir)
