@@ -103,7 +103,7 @@ class Pruning(ExperienceCallback):
         self,
         amount: float = 0.5,
         schedule: Literal["one_shot", "cubic"] = "one_shot",
-        method: Literal["unstructured", "structured"] = "unstructured",
+        method: Literal["unstructured", "structured", "heads"] = "unstructured",
         scope: Literal["global", "layer"] = "global",
         start_experience: int = 0,
         end_experience: int | None = None,

@@ -256,3 +256,14 @@ def test_attention_out_proj_is_never_pruned_as_a_linear():
     assert set(p.layers(attention_net())) == {"0.linear1", "0.linear2"}
     with pytest.raises(ConfigError, match="Pruning.method: 'heads' prunes nn.MultiheadAttention"):
         Pruning(method="heads")._check({}, {})
+
+
+def test_the_config_types_accept_every_method():
+    # LightningCLI checks a config against these Literal annotations, not against METHODS.
+    import typing
+
+    from mneme.callbacks.pruning import METHODS, SCHEDULES, SCOPES
+
+    hints = typing.get_type_hints(Pruning.__init__)
+    for field, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("scope", SCOPES)):
+        assert typing.get_args(hints[field]) == allowed, field
