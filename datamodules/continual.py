@@ -216,7 +216,12 @@ class ContinualDataModule(LightningDataModule):
 
     def _experience(self, experience) -> ExperienceData:
         if isinstance(experience, ExperienceData):  # a stream that serves its own (files):
-            experience.num_workers = self.num_workers  # never materialized
+            if self.data_on_device:  # never materialized
+                raise ConfigError(
+                    f"data.data_on_device: {self.benchmark} is read from files on demand, "
+                    "not held as tensors; set data_on_device: false"
+                )
+            experience.num_workers = self.num_workers
             return experience
         if self.materialize:
             return materialize(experience.dataset, self._declared.fields)

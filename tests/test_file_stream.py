@@ -12,6 +12,7 @@ import torch
 from mneme.app import ContinualClassifier
 from mneme.callbacks import Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
+from mneme.datamodules.file_experiences import ImageCodec
 from mneme.datamodules.file_stream import FileExperience, class_order
 
 from tests.conftest import quiet_trainer
@@ -52,9 +53,16 @@ def datamodule(root: Path, num_workers: int = 0, **args) -> ContinualDataModule:
     )
 
 
-def test_image_folder_layout_and_class_incremental_split(folder):
+def test_image_folder_layout_and_class_incremental_split(folder, monkeypatch):
+    decoded = []
+    decode = ImageCodec.decode
+    monkeypatch.setattr(
+        ImageCodec, "decode", lambda self, path: decoded.append(path) or decode(self, path)
+    )
     data = datamodule(folder, test_size=0.34, seed=3)
     train, test = data.train_experiences, data.test_experiences
+    assert data.num_classes == 4 and [len(e.labels()) for e in train] == [8, 8]
+    assert not decoded  # the stream, its splits and labels: no image read
     assert all(isinstance(e, FileExperience) for e in train + test)
     assert data.class_names == list(CLASSES) and data.num_classes == 4
     order = class_order(range(4), 3)
@@ -70,7 +78,7 @@ def test_image_folder_layout_and_class_incremental_split(folder):
             Path(p).parent.name == CLASSES[y]
             for p, y in zip(e.dataset.paths, e.labels(), strict=True)
         )
-    assert data.field_shape("image") == (3, SIDE, SIDE)
+    assert data.field_shape("image") == (3, SIDE, SIDE) and len(decoded) == 1
     batch = train[0].read(torch.tensor([0, 1]))
     assert batch["image"].dtype == torch.float32 and 0.0 <= batch["image"].min()
     assert batch["image"].max() <= 1.0 and batch["task"].tolist() == [0, 0]
@@ -122,6 +130,12 @@ def test_order_and_augmentation_are_reproducible_with_any_workers(folder):
     # the crop augments: the training view differs from the stored (evaluation) image
     plain = runs[0].train_experiences[0].read(torch.arange(len(runs[0].train_experiences[0])))
     assert not torch.equal(torch.cat([b["image"] for b in first]).sum(), plain["image"].sum())
+    timm = datamodule(folder, train_transform={"timm": {"hflip": 0.5}})
+    a, b = batches_of(timm, epoch=1), batches_of(timm, epoch=1)
+    assert a[0]["image"].shape == (4, 3, SIDE, SIDE) and a[0]["image"].min() < 0  # normalized
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b, strict=True))
+    with pytest.raises(ConfigError, match=r"data_on_device: .* set data_on_device: false"):
+        ContinualDataModule(**{**runs[0].hparams, "data_on_device": True}).train_experiences  # noqa: B018
 
 
 def test_workers_run_end_to_end_with_replay(folder, tmp_path):
