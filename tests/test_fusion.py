@@ -120,20 +120,22 @@ def test_bad_arguments_are_refused_in_one_line(kwargs, field):
 
 
 # -- the paired stream, in a continual run ----------------------------------------------------
-def paired_stream(**kwargs) -> ContinualDataModule:
+@pytest.fixture(scope="module")
+def paired() -> ContinualDataModule:
+    """Two experiences of five digits, two training pairs per clip (read once)."""
     args = {"audio_path": str(SPOKEN_NPZ), "image_path": str(MNIST_NPZ), "n_experiences": 2}
     return ContinualDataModule(
         benchmark="mneme.datamodules.SpokenMNIST",
-        benchmark_args={**args, **kwargs},
+        benchmark_args={**args, "images_per_clip": 2},
         batch_size=64,
     )
 
 
 @needs_pairs
-def test_pairs_hold_an_mnist_image_of_the_spoken_digit():
+def test_pairs_hold_an_mnist_image_of_the_spoken_digit(paired):
     from mneme.datamodules.streams import load_mnist_npz
 
-    data = paired_stream(images_per_clip=2)
+    data = paired
     train_rows, test_rows = (d.inputs.flatten(1) for d in load_mnist_npz(MNIST_NPZ))
     train_labels, test_labels = (torch.tensor(d.targets) for d in load_mnist_npz(MNIST_NPZ))
     assert data.sample_keys == ["audio", "label", "image", "task"]
@@ -152,9 +154,9 @@ def test_pairs_hold_an_mnist_image_of_the_spoken_digit():
 
 
 @needs_pairs
-def test_replay_ewc_metrics_and_a_moe_head_run_on_the_fused_stream(tmp_path):
+def test_replay_ewc_metrics_and_a_moe_head_run_on_the_fused_stream(paired, tmp_path):
     seed_everything(0)
-    data = paired_stream()
+    data = paired
     head = {"name": "moe", "num_experts": 2, "top_k": 1, "hidden": 16, "experts_per_experience": 1}
     model = FusionClassifier(
         encoders={m: {**spec} for m, spec in ENCODERS.items()}, embed_dim=16, head=head
