@@ -128,7 +128,18 @@ def test_mask_along_axis_zeroes_bands_within_width_on_the_first_rows():
     assert ((t[:, 0] == 0).all(dim=1).sum(1) <= 60).all() and (t == 0).any()
 
 
+_ALIGNER: list = []  # built once (the tiny CLIP text tower takes a second), copied per test
+
+
 def tiny_audio_aligner():
+    import copy
+
+    if not _ALIGNER:
+        _ALIGNER.append(_build_audio_aligner())
+    return copy.deepcopy(_ALIGNER[0])
+
+
+def _build_audio_aligner():
     from mneme.app.aligner import ContrastiveAligner
 
     torch.manual_seed(0)
@@ -223,3 +234,24 @@ def test_spec_augment_needs_a_log_mel_encoder():
         SpecAugment().on_fit_start(None, tiny_model())
     with pytest.raises(ConfigError, match="SpecAugment.input_key"):
         SpecAugment(input_key="speech").on_fit_start(None, tiny_audio_aligner())
+
+
+def test_spec_augment_masks_are_a_function_of_seed_and_step():
+    """No RNG state to checkpoint: a fresh callback (a resumed run) at the same global step
+    draws the same masks; the next step draws others."""
+    from types import SimpleNamespace
+
+    from mneme.callbacks import SpecAugment
+
+    module = tiny_audio_aligner().train()
+    b = audio_batch(4)
+
+    def masked(step: int) -> torch.Tensor:
+        aug = SpecAugment(freq_masks=2, freq_width=4, time_masks=2, time_width=5, seed=7)
+        aug.on_fit_start(None, module)
+        aug._trainer = SimpleNamespace(global_rank=0, global_step=step)
+        aug.augment(b, 0)
+        return spectrograms(module, b["audio"])
+
+    assert torch.equal(masked(5), masked(5))
+    assert not torch.equal(masked(5), masked(6))
