@@ -292,13 +292,16 @@ class SpecAugmentMasks(nn.Module):
         self.seed: int | None = None
         self.rows = self.batch_rows = 0
         self.mask_other_batches = True
+        self.calls = 0  # training-mode passes since armed (0 after a step: bypassed)
 
     def arm(self, seed: int, rows: int, batch_rows: int) -> None:
         self.seed, self.rows, self.batch_rows = seed, rows, batch_rows
+        self.calls = 0
 
     def forward(self, spec: Tensor) -> Tensor:
         if not self.training or self.seed is None:
             return spec
+        self.calls += 1
         # The training batch's rows as the batch transform saw them; another forward in the
         # step (a strategy's own draw) is masked whole with apply_to: all, else left alone.
         n = len(spec)
@@ -368,6 +371,7 @@ class SpecAugment(_BatchAugmentation):
         self.masks = SpecAugmentMasks(freq_masks, freq_width, time_masks, time_width)
         self.masks.mask_other_batches = apply_to == "all"
         self._hosts: list[nn.Module] = []
+        self._verified = False  # the first training step went through the masks
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The aligner builds its encoders in its own setup, after ours.
@@ -388,10 +392,25 @@ class SpecAugment(_BatchAugmentation):
         for host in hosts:
             host.feature_transform = self.masks
         self._hosts = hosts
+        self._verified = False
 
     def augment(self, batch: Batch, batch_idx: int = 0) -> Batch:
         self.masks.arm(self.step_seed(batch_idx), self.rows(batch), len(batch[self.input_key]))
         return batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        # A module that reads the log-mel front end itself, past LogMelAudio.forward, would
+        # train unmasked without a word: after the first step, say so instead.
+        if self._verified or not self._hosts or self.masks.seed is None:
+            return
+        if self.masks.calls == 0:
+            raise ConfigError(
+                f"SpecAugment.input_key: {type(pl_module).__name__}'s '{self.input_key}' "
+                "encoder computed its log-mel without LogMelAudio.feature_transform, so no "
+                "mask applied; use a module that calls the encoder (ContrastiveAligner) or "
+                "drop SpecAugment"
+            )
+        self._verified = True
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for host in self._hosts:

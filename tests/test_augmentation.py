@@ -255,3 +255,23 @@ def test_spec_augment_masks_are_a_function_of_seed_and_step():
 
     assert torch.equal(masked(5), masked(5))
     assert not torch.equal(masked(5), masked(6))
+
+
+def test_spec_augment_refuses_a_module_that_bypasses_the_hook():
+    """A module reading the front end itself (past LogMelAudio.forward) would train unmasked:
+    the first training step's end says so in one line."""
+    from mneme.callbacks import SpecAugment
+
+    module = tiny_audio_aligner().train()
+    b = audio_batch(4)
+    aug = SpecAugment()
+    aug.on_fit_start(None, module)
+    aug.augment(b, 0)
+    host = module.encoders["audio"].backbone
+    host.backbone(host.frontend(b["audio"]))  # the bypass: no feature_transform
+    with pytest.raises(ConfigError, match="SpecAugment.input_key: .*without LogMelAudio"):
+        aug.on_train_batch_end(None, module, None, b, 0)
+    aug.augment(b, 1)
+    module.encoders["audio"](b["audio"])  # through the encoder: masked, accepted
+    aug.on_train_batch_end(None, module, None, b, 1)
+    assert aug._verified
