@@ -244,13 +244,11 @@ class FileScenario:
         self.train_stream, self.test_stream = train, test
 
 
-def check_transform_source(codec_decoder: str, spec: TransformSpec | None, field: str) -> str:
-    """timm's transforms take PIL images: a timm spec decodes with PIL."""
-    if spec is not None and spec.kind == "timm":
-        return "pil"
+def check_transform_source(codec_decoder: str, spec: TransformSpec | None) -> str:
+    """The decoder to use: timm's transforms take PIL images, so a timm spec decodes with PIL."""
     if codec_decoder not in ("torchvision", "pil"):
         raise ConfigError(f"{ARGS}.decoder: 'torchvision' or 'pil', got {codec_decoder!r}")
-    return codec_decoder
+    return "pil" if spec is not None and spec.kind == "timm" else codec_decoder
 
 
 def make_codec(
@@ -274,7 +272,7 @@ def make_codec(
             f"{ARGS}.eval_transform: a timm and a torchvision transform in one stream decode "
             "differently (PIL vs tensors); use the same kind for train_transform and eval_transform"
         )
-    decoder = check_transform_source(decoder, train or evaluate, field)
+    decoder = check_transform_source(decoder, train or evaluate)
     if normalize is not None and (len(normalize) != 2 or not float(normalize[1]) > 0):
         raise ConfigError(f"{ARGS}.normalize: [mean, std] with std > 0, got {normalize}")
     return ImageCodec(

@@ -6,9 +6,11 @@ a batch asks for it, in the DataLoader's workers. The datamodule serves the expe
 it serves any other stream (``train_dataloader`` the current one, one eval loader per test
 experience, dict batches ``{image, label, task}``); a file stream's experiences build their
 own loaders (:meth:`FileExperience.loader`), with workers (``data.num_workers``), pinned
-memory on CUDA, persistent workers and ``data.prefetch_factor``. Strategies read through
-the experience (Replay's buffer holds the decoded, un-augmented tensors of the samples it
-keeps; see :mod:`mneme.datamodules.experiences`).
+memory on CUDA, ``data.prefetch_factor``, and workers that persist through each training
+experience's epochs. A file stream is never materialized (``data.materialize`` does not
+apply; ``data.data_on_device`` is refused). Strategies read through the experience
+(Replay's buffer holds the decoded, un-augmented tensors of the samples it keeps; see
+:mod:`mneme.datamodules.experiences`).
 
 Randomness: the training order is the datamodule's (seeded by ``(run seed, epoch)``), and a
 sample's augmentation is seeded by ``(run seed, epoch, index)`` wherever it is decoded, so a
