@@ -197,3 +197,27 @@ def test_bad_inputs_are_one_line_errors_naming_the_field_or_file(tmp_path, folde
     )
     with pytest.raises(ConfigError, match=r"label_key: no column 'label' in .*no_label\.csv"):
         csv_stream.train_experiences  # noqa: B018
+
+
+def test_a_resumed_run_trains_what_an_uninterrupted_one_did(folder, tmp_path):
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(name: str, ckpt_path: Path | None = None) -> ContinualClassifier:
+        seed_everything(0)
+        data = datamodule(folder, train_transform=CROP)
+        data.epochs_per_experience = 2
+        saves = ModelCheckpoint(
+            tmp_path / name, "{epoch}", save_top_k=-1, save_on_train_epoch_end=True
+        )
+        callbacks = [Replay(buffer_size=6), saves]
+        trainer = quiet_trainer(data, tmp_path, callbacks, enable_checkpointing=True)
+        model = ContinualClassifier(encoder="mneme_cnn")
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model
+
+    whole = fit("whole")
+    # from the end of experience 1's first epoch: its order and crops continue at epoch 3
+    resumed = fit("resumed", tmp_path / "whole" / "epoch=2.ckpt")
+    for key, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
