@@ -267,3 +267,32 @@ def test_the_config_types_accept_every_method():
     hints = typing.get_type_hints(Pruning.__init__)
     for field, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("scope", SCOPES)):
         assert typing.get_args(hints[field]) == allowed, field
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_keeps_the_masks(tmp_path):
+    """A real SIGKILL inside experience 2 (after the steps of experiences 0 and 1, with the
+    masks only in the last checkpoint's callback state), resumed from last.ckpt through the
+    CLI: the same masks and the same accuracy matrix as the run never killed."""
+    from tests.test_resume import fit as cli_fit
+    from tests.test_resume import killed_and_resumed, matrix_of
+
+    pruning = ["--trainer.callbacks+=mneme.callbacks.Pruning",
+               "--trainer.callbacks.init_args.amount", "0.7",
+               "--trainer.callbacks.init_args.schedule", "cubic"]  # fmt: skip
+    reference = cli_fit(tmp_path, "prune_ref", *pruning)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    kill = ["--trainer.callbacks.init_args.epoch", "4", "--trainer.callbacks.init_args.batch", "2"]
+    log_dir = killed_and_resumed(tmp_path, "prune", pruning, *kill)
+    ref_dir = tmp_path / "logs" / "prune_ref" / "version_0"
+    assert matrix_of(log_dir) == pytest.approx(matrix_of(ref_dir), abs=1e-6)
+
+    def final_state(run: Path) -> dict:
+        saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+        return next(v for k, v in saved["callbacks"].items() if k.startswith("Pruning"))
+
+    resumed, expected = final_state(log_dir), final_state(ref_dir)
+    assert resumed["steps_done"] == expected["steps_done"] == [0, 1, 2, 3]
+    assert resumed["masks"].keys() == expected["masks"].keys()
+    for name, mask in expected["masks"].items():
+        assert torch.equal(resumed["masks"][name], mask), name
