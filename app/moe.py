@@ -76,6 +76,8 @@ def balance_loss(probs: Tensor, chosen: Tensor, num_experts: int) -> Tensor:
     """Switch's load-balancing loss ``E * sum_i f_i * P_i`` from the gate probabilities
     ``probs`` ``(N, E)`` and the chosen experts ``chosen`` ``(N, k)``; ``f_i`` counts the
     routing slots (GShard's top-k generalization: each of the ``k`` choices is a slot)."""
+    if chosen.numel() == 0:  # an empty batch: nothing to balance
+        return probs.sum() * 0
     slots = F.one_hot(chosen, num_experts).sum(dim=(0, 1)).to(probs.dtype)
     fraction = slots / chosen.numel()  # f_i: not differentiable (an argmax count)
     return num_experts * (fraction * probs.mean(dim=0)).sum()
@@ -213,6 +215,8 @@ class MoEHead(nn.Module):
             if out is None:
                 out = y.new_zeros(len(x), self.out_dim)
             out = out.index_add(0, rows, y.to(out.dtype))
+        if out is None:  # an empty batch
+            out = x.new_zeros(0, self.out_dim)
         self.last_balance_loss = balance_loss(probs, chosen, self.num_experts)
         self._last_counts = F.one_hot(chosen, self.num_experts).sum(dim=(0, 1)).detach()
         return out.view(*shape, self.out_dim)
@@ -265,9 +269,7 @@ class MoEHead(nn.Module):
                 )
 
 
-def build_moe_head(
-    spec: dict[str, Any], in_dim: int, out_dim: int, field: str = FIELD
-) -> MoEHead:
+def build_moe_head(spec: dict[str, Any], in_dim: int, out_dim: int, field: str = FIELD) -> MoEHead:
     """The :class:`MoEHead` a ``{name: moe, ...}`` spec names, its keys checked."""
     spec = dict(spec)
     spec.pop("name", None)
