@@ -178,8 +178,13 @@ def quantize_model(
     model = module if inplace else copy.deepcopy(detach_pruned_weights(module))
     remove_pruning(model)
     exclude = tuple(exclude)
-    if mode == "qat":
+    if mode == "qat" and is_qat_prepared(model):
         return convert_qat(model, exclude)
+    if mode == "qat":
+        # A model trained with QAT and reloaded plain (a checkpoint keeps each Linear's
+        # keys, not its fake quantizers; convert would skip a plain Linear): the same int8
+        # kernels as convert, from the trained weights.
+        mode = "ptq_dynamic"
     check_quantizable(model, exclude=exclude)
     keep = _linear_filter(exclude, model)
     if mode != "ptq_static":

@@ -292,3 +292,9 @@ def test_qat_prepares_only_the_chosen_towers():
     assert isinstance(net.encoders["image"].projection.weight, nn.Parameter)
     with torch.no_grad():
         assert net.encoders["text"](tokens).shape == (4, 16)
+
+
+def test_qat_of_a_plain_model_gives_the_int8_kernels():
+    # A QAT checkpoint reloads as plain Linears (what `mneme export --quantize qat` gets).
+    q = quantize_model(nn.Sequential(nn.Linear(8, 4)), "qat")
+    assert type(q[0].weight).__name__ == "Int8Tensor"
