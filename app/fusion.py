@@ -102,7 +102,10 @@ def encoder_tokens(encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None
     :data:`mneme.app.modalities.ENCODER_TYPES`) and its padding mask ``(N, T)`` (``True`` =
     padding) or ``None``."""
     if isinstance(encoder, LogMelAudio):
-        return _as_tokens(_feature_map(encoder.backbone, encoder.frontend(x)), True), None
+        spectrogram = encoder.frontend(x)
+        # a strategy's spectrogram masks (mneme.callbacks.SpecAugment), as its forward applies
+        spectrogram = getattr(encoder, "feature_transform", nn.Identity())(spectrogram)
+        return _as_tokens(_feature_map(encoder.backbone, spectrogram), True), None
     if isinstance(encoder, OpenClipText):
         ids = x.long()
         if ids.shape[1] < encoder.context_length:

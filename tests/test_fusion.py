@@ -169,3 +169,16 @@ def test_replay_ewc_metrics_and_a_moe_head_run_on_the_fused_stream(paired, tmp_p
     assert len(metrics.rows) == 2 and all(0.0 <= a <= 1.0 for a in metrics.rows[1])
     assert model.head.num_experts == 3
     assert "moe_balance" in model.last_loss_terms and "ewc" in model.last_loss_terms
+
+
+def test_audio_tokens_pass_through_the_encoders_spectrogram_transform():
+    """SpecAugment masks act on LogMelAudio.feature_transform: the tokens must see them."""
+    model = fusion()
+    x = batch()["audio"]
+    encoder = model.encoders["audio"]
+    before, _ = encoder_tokens(encoder, x)
+    encoder.feature_transform = torch.nn.ZeroPad2d((0, 0, 0, 0))  # identity by shape ...
+    seen = []
+    encoder.feature_transform.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert torch.allclose(encoder_tokens(encoder, x)[0], before)
+    assert seen == [(3, 1, 16, SAMPLES // 128 + 1)]  # ... called on the log-mel spectrogram
