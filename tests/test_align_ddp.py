@@ -44,7 +44,11 @@ def free_port() -> int:
 
 
 def test_gathered_loss_on_two_ranks_equals_single_process_loss(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
+    # forked, as the ddp_fork tests: a spawned child would import torch and this module again
+    mp.start_processes(
+        _worker, args=(free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True,
+        start_method="fork",
+    )  # fmt: skip
     a, b, labels, scale = global_batch()
     single = AlignmentLoss()
     expected_plain = single(a, b, scale)

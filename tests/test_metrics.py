@@ -285,7 +285,10 @@ def _ddp_worker(rank: int, world_size: int, port: int) -> None:
 def test_experience_accuracy_ddp_gloo():
     if not dist.is_available():
         pytest.skip("torch.distributed unavailable")
-    mp.spawn(_ddp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    # forked, as the ddp_fork tests: a spawned child would import torch and this module again
+    mp.start_processes(
+        _ddp_worker, args=(2, _free_port()), nprocs=2, join=True, start_method="fork"
+    )
 
 
 def test_a_stream_of_one_experience_gives_a_one_row_matrix(tmp_path):
