@@ -97,6 +97,9 @@ class Pruning(ExperienceCallback):
           callbacks:
             - class_path: mneme.callbacks.Pruning
               init_args: {amount: 0.8, schedule: cubic, scope: global}
+            # half the attention heads of a Transformer (an aligner's text tower), one shot
+            # - class_path: mneme.callbacks.Pruning
+            #   init_args: {amount: 0.5, method: heads}
     """
 
     def __init__(
