@@ -303,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30, help="timed steps of experience 1")
+    p.add_argument("--steps", type=int, default=50, help="timed steps of experience 1")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps of experience 1")
     p.add_argument("--precision", default="bf16-mixed", help="Lightning precision string")
     p.add_argument("--strategies", default=",".join(STRATEGIES))

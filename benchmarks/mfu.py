@@ -1,7 +1,11 @@
 """Model FLOP utilisation for the GPU benchmarks: FLOPs of one training step counted by
 PyTorch (``torch.utils.flop_counter.FlopCounterMode``: matmuls, convolutions and attention,
 forward and backward), over the GPU's dense bf16 peak from a small table of data-sheet
-figures (no sparsity)."""
+figures (no sparsity).
+
+On a CPU the counter has no formula for SDPA's CPU flash kernel, so attention FLOPs are left
+out there; on CUDA (flash, memory-efficient and cuDNN attention) and on the ``meta`` device
+(the math path: ``bmm``) they are counted."""
 
 from __future__ import annotations
 
