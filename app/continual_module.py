@@ -54,9 +54,9 @@ def compile_options(value: bool | dict[str, Any] | None) -> dict[str, Any] | Non
 def prefer_fused(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The same optimizer with ``fused=True`` when its class has a fused kernel (Adam, AdamW,
     SGD, Adagrad, ...), the config chose neither ``fused`` nor ``foreach``, and every
-    parameter is a floating CUDA tensor: one kernel launch per step instead of one per
-    parameter group and op. Left as it is on a CPU, where the foreach default is as fast
-    for the small models Mneme trains there."""
+    parameter is a floating CUDA tensor: the whole update in a few kernel launches instead of
+    several per op. Left as it is on a CPU: the CPU figures of benchmarks/RESULTS.md were
+    measured with torch's default there."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if not params or not all(p.is_cuda and p.is_floating_point() for p in params):
         return optimizer

@@ -24,7 +24,10 @@
 # benchmarks.align_throughput (ViT-B-32, batch 512, bf16-mixed; Mneme eager and compiled, a
 # plain loop eager and compiled). Output (tables, JSON) in OUT_DIR (default gpu_results/).
 # --smoke runs both at their CPU-sized --smoke settings (to check this script without a GPU).
-# Environment: PYTHON (default python3), BENCH_TIMEOUT (seconds per benchmark, default none).
+# Environment: PYTHON (default python3), BENCH_TIMEOUT (seconds per benchmark, default none),
+# CLASSIFIER_ARGS / ALIGN_ARGS (more arguments for each, to size a run: e.g.
+# CLASSIFIER_ARGS="--strategies naive,replay --steps 30"). Not timed on a GPU yet: expect
+# minutes, most of it inductor compiling (resnet18 per strategy, ViT-B-32's two towers).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,8 +86,11 @@ run() {  # NAME ARGS...: one benchmark, its table to OUT/NAME.txt
   echo "gpu_all: $name took $((SECONDS - start)) s"
 }
 
+read -r -a CLASSIFIER_EXTRA <<<"${CLASSIFIER_ARGS:-}"
+read -r -a ALIGN_EXTRA <<<"${ALIGN_ARGS:-}"
 status=0
-run gpu_classifier --out "$OUT/gpu_classifier.json" "${SMOKE[@]}" || status=$?
+run gpu_classifier --out "$OUT/gpu_classifier.json" "${CLASSIFIER_EXTRA[@]}" "${SMOKE[@]}" \
+  || status=$?
 run align_throughput --model ViT-B-32 --batch-size 512 --precision bf16-mixed --compile \
-  --no-write "${SMOKE[@]}" || status=$?
+  --no-write "${ALIGN_EXTRA[@]}" "${SMOKE[@]}" || status=$?
 exit $status
