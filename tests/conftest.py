@@ -1,3 +1,4 @@
+import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -69,3 +70,159 @@ def _run_in_a_scratch_folder(tmp_path_factory):
     os.chdir(tmp_path_factory.mktemp("cwd"))
     yield
     os.chdir(previous)
+
+
+# -- the `mneme` command in this process ------------------------------------------------------
+# A subprocess per CLI run pays Python's imports of Lightning, Avalanche and timm again (about
+# 12 CPU seconds on the 2-core CI machine, more than a short run trains); most CLI tests run
+# `main(argv)` here instead. What needs a real process stays in one: signals, SIGKILL, DDP's
+# launcher, environment variables read at import, the console script itself.
+
+
+@contextlib.contextmanager
+def isolated_global_state():
+    """Restore what an in-process ``mneme`` run changes for the whole process: warnings
+    filters (``quiet_known_noise``), environment variables (``PL_GLOBAL_SEED``,
+    ``PL_SEED_WORKERS``, ``CUBLAS_WORKSPACE_CONFIG``), torch's deterministic mode
+    (``--trainer.deterministic``) and thread counts, the global RNGs (``seed_everything``),
+    the handlers and filters of existing loggers, ``sys.argv`` and the working directory.
+    Loggers that libraries create when first imported stay: an import cannot be undone."""
+    import logging
+    import random
+    import sys
+
+    import numpy as np
+
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.Logger.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)
+    ]  # fmt: skip
+    logging_state = [(lg, lg.level, list(lg.handlers), list(lg.filters), lg.propagate)
+                     for lg in loggers]  # fmt: skip
+    environ, argv, cwd = dict(os.environ), list(sys.argv), os.getcwd()
+    torch_state = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.deterministic,
+        torch.get_float32_matmul_precision(),
+        torch.get_num_threads(),
+        torch.is_grad_enabled(),
+        torch.get_default_dtype(),
+    )
+    rngs = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        with warnings.catch_warnings():  # restores warnings.filters and showwarning
+            yield
+    finally:
+        os.chdir(cwd)
+        sys.argv = argv
+        os.environ.clear()
+        os.environ.update(environ)
+        deterministic, warn_only, benchmark, cudnn_deterministic, *rest = torch_state
+        precision, threads, grad, dtype = rest
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cudnn.deterministic = cudnn_deterministic
+        torch.set_float32_matmul_precision(precision)
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+        torch.set_default_dtype(dtype)
+        torch.random.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+        for logger, level, handlers, filters, propagate in logging_state:
+            logger.setLevel(level)
+            logger.handlers[:], logger.filters[:] = handlers, filters
+            logger.propagate = propagate
+
+
+def mneme_in_process(args: list[str], cwd: Path, env: dict | None = None):
+    """``mneme <args>`` run in this process, in ``cwd``: what a subprocess would report (its
+    status, stdout and stderr, the traceback of an escaping exception) as a
+    ``subprocess.CompletedProcess``, without paying the imports again. ``env``: variables
+    set for the run only. The process's global state is restored after it
+    (:func:`isolated_global_state`)."""
+    import io
+    import subprocess
+    import sys
+    import traceback
+
+    from mneme.app.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    status = 0
+    with isolated_global_state():
+        os.environ.pop("MNEME_DEBUG", None)
+        os.environ.update(env or {})
+        os.chdir(cwd)
+        sys.argv = ["mneme"]  # LightningCLI warns when both argv and args are given
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(args)
+            except SystemExit as exit_:  # as the interpreter reports an uncaught one
+                if isinstance(exit_.code, str):
+                    print(exit_.code, file=sys.stderr)
+                status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+            except BaseException:  # noqa: BLE001 - reported as a process would report it
+                traceback.print_exc()
+                status = 1
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+QUICK_CONFIGS = ("quickstart", "align_digits")  # each runs in well under a minute on one thread
+
+
+@pytest.fixture(scope="session")
+def quick_config_runs(tmp_path_factory) -> dict[str, dict]:
+    """``mneme fit --config configs/<name>.yaml`` for the quick configs, as a user runs it:
+    the console script, in a process of its own, in a scratch folder. Run once for the
+    session (test_cli, test_expected_results and test_align read the same runs), the two
+    together (one thread each: the CI machine has 2 cores). Each: ``cwd``, ``log_dir``,
+    ``stdout``, ``stderr``, ``returncode`` and ``metrics`` (its continual_metrics.json, or
+    None if the run failed)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env.pop("MNEME_DEBUG", None)
+    script = Path(sys.executable).parent / "mneme"
+    started = {}
+    for name in QUICK_CONFIGS:
+        cwd = tmp_path_factory.mktemp(name)
+        out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")  # noqa: SIM115
+        args = [str(script), "fit", "--config", str(ROOT / "configs" / f"{name}.yaml")]
+        process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
+        started[name] = cwd, process, out, err
+    runs = {}
+    for name, (cwd, process, out, err) in started.items():
+        process.wait(timeout=900)
+        out.close(), err.close()
+        logs = sorted((cwd / "logs" / name).glob("version_*"))
+        log_dir = logs[0] if len(logs) == 1 else None
+        metrics_file = log_dir / "continual_metrics.json" if log_dir else None
+        runs[name] = {
+            "cwd": cwd,
+            "log_dir": log_dir,
+            "returncode": process.returncode,
+            "stdout": (cwd / "stdout.txt").read_text(),
+            "stderr": (cwd / "stderr.txt").read_text(),
+            "metrics": json.loads(metrics_file.read_text())
+            if metrics_file and metrics_file.is_file() and process.returncode == 0
+            else None,
+        }
+    return runs
+
+
+@pytest.fixture
+def quick_run(quick_config_runs):
+    """One quick config's run (``quick_run("quickstart")``), asserted to have succeeded."""
+
+    def run(name: str) -> dict:
+        result = quick_config_runs[name]
+        assert result["returncode"] == 0, f"{name}: {result['stderr'][-3000:]}"
+        assert result["log_dir"] is not None and result["metrics"] is not None, name
+        return result
+
+    return run

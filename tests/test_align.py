@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import open_clip
 import pytest
@@ -13,8 +10,6 @@ import torch.nn.functional as F
 from mneme.app.alignment_loss import AlignmentLoss
 from mneme.app.modalities import LogMel, build_encoder, mel_filterbank
 from mneme.app.retrieval import CrossModalRecall, class_embeddings
-
-from tests.conftest import ROOT
 
 D = 32
 
@@ -278,24 +273,17 @@ def test_aligner_trains_with_replay_ewc_and_feature_distillation(tmp_path):
 
 
 # -- the CLI end to end -----------------------------------------------------------------------
-def test_align_digits_config_fits_through_the_cli(tmp_path):
-    # One thread per process: the 2 cores are shared, and oversubscribed BLAS threads make
-    # small matmuls many times slower.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
-    args = ["fit", "--config", str(ROOT / "configs" / "align_digits.yaml"),
-            "--data.epochs_per_experience", "2"]  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (log_dir,) = (tmp_path / "logs" / "align_digits").iterdir()
+def test_align_digits_config_fits_through_the_cli(quick_run):
+    # conftest's session run of the config (the console script, one thread, shared with
+    # test_expected_results, which checks its documented figures)
+    result = quick_run("align_digits")
+    log_dir = result["log_dir"]
     metrics = json.loads((log_dir / "continual_metrics.json").read_text())
     matrix = metrics["accuracy_matrix"]
     assert len(matrix) == 5 and all(len(row) == 5 for row in matrix)
     assert all(0.0 <= a <= 1.0 for row in matrix for a in row)
     assert matrix[0][0] > 0.3  # above chance (0.1) on the first experience
-    assert "Accuracy matrix" in result.stdout
+    assert "Accuracy matrix" in result["stdout"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

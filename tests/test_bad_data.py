@@ -1,10 +1,10 @@
 """Bad data and hostile configs (issue 10): what ``data.benchmark`` may run, and data files
 that must be refused in one line rather than read, misread or exhausted.
 
-Most cases call the loaders directly (fast); the headline cases run the real CLI in a
-subprocess, a few at a time, with the catalog's rules: non-zero exit, one final line
-``mneme: error: ...`` naming the field and the fix, no traceback, an earlier run's files
-untouched.
+Most cases call the loaders directly (fast); the headline cases run the real CLI
+(``mneme.app.cli.main``, in this process as the catalog does) with the catalog's rules:
+non-zero exit, one final line ``mneme: error: ...`` naming the field and the fix, no
+traceback, an earlier run's files untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import struct
 import sys
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from tests.test_bad_inputs import (
     QUICKSTART,
     case_folder,
     file_benchmark,
-    run_mneme,
+    run_mneme_in_process,
     snapshot,
 )
 
@@ -213,14 +212,15 @@ def cli_results(tmp_path_factory):
     base = tmp_path_factory.mktemp("bad_data")
     make_files(base)
     before = snapshot(base / EARLIER_RUN)
-    folders = {name: case_folder(base, name) for name in CLI_CASES}
-
-    def run_case(name: str):
-        result = run_mneme(CLI_CASES[name][0], folders[name])
-        return result, folders[name], snapshot(folders[name] / EARLIER_RUN)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(CLI_CASES, pool.map(run_case, CLI_CASES), strict=True))
+    results = {}
+    with pytest.MonkeyPatch.context() as patch:
+        # `python -c` puts the working directory on sys.path: the trusted `my_streams`
+        patch.syspath_prepend(str(base))
+        for name in CLI_CASES:
+            folder = case_folder(base, name)
+            result = run_mneme_in_process(CLI_CASES[name][0], folder)
+            results[name] = result, folder, snapshot(folder / EARLIER_RUN)
+        sys.modules.pop("my_streams", None)
     return results, before
 
 

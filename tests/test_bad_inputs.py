@@ -16,14 +16,13 @@ import os
 import shutil
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mneme_in_process
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 EARLIER_RUN = "logs/quickstart/version_0"
@@ -385,32 +384,11 @@ def run_mneme(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def run_mneme_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """``mneme <args>`` in this process, in ``cwd``: what a subprocess would report (its
-    status, stdout and stderr, a traceback for an escaping exception), without paying the
-    imports again. For cases that fail before training or train briefly; signals, DDP and
-    environment variables need :func:`run_mneme`."""
-    from mneme.app.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    previous, argv = Path.cwd(), sys.argv
-    status = 0
-    os.chdir(cwd)
-    sys.argv = ["mneme"]  # LightningCLI warns when both argv and args are given
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(args)
-            except SystemExit as exit_:
-                if isinstance(exit_.code, str):
-                    print(exit_.code, file=sys.stderr)
-                status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
-            except BaseException:  # noqa: BLE001 - reported as a process would report it
-                traceback.print_exc()
-                status = 1
-    finally:
-        os.chdir(previous)
-        sys.argv = argv
-    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+    """``mneme <args>`` in this process, in ``cwd`` (conftest's ``mneme_in_process``: what a
+    subprocess would report, and the process's global state restored after it). For cases
+    that fail before training or train briefly; signals, DDP and environment variables read
+    at import need :func:`run_mneme`."""
+    return mneme_in_process(args, cwd)
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -490,3 +468,58 @@ def test_debug_variable_shows_the_traceback(tmp_path, value, shown):
     )
     assert result.returncode != 0 and ("Traceback" in result.stderr) == shown, result.stderr
     assert shown or result.stderr.strip().splitlines()[-1].startswith("mneme: error: data.")
+
+
+def process_state() -> dict:
+    """What a run may change for the whole process, in a comparable form."""
+    import logging
+    import random
+    import warnings
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    return {
+        "warnings": list(warnings.filters),
+        "environ": dict(os.environ),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
+        "threads": torch.get_num_threads(),
+        "torch_rng": torch.random.get_rng_state(),
+        "numpy_rng": np.random.get_state()[1].tolist(),
+        "python_rng": random.getstate(),
+        "rank_zero_filters": list(rank_zero.filters),
+        "cwd": os.getcwd(),
+        "argv": list(sys.argv),
+    }
+
+
+def test_an_in_process_run_leaves_the_process_as_it_found_it(tmp_path):
+    """``main()`` seeds the global RNGs, sets PL_GLOBAL_SEED, torch's deterministic mode and
+    warnings filters, and adds a logging filter: ``mneme_in_process`` must undo all of it,
+    or one catalog case would change the tests after it."""
+    from mneme.app.cli import main
+
+    from tests.conftest import isolated_global_state
+
+    args = ["fit", "--config", QUICKSTART, "--trainer.logger", "false",
+            "--trainer.callbacks", "[]", "--trainer.deterministic", "true",
+            "--data.epochs_per_experience", "1", "--trainer.max_epochs", "1"]  # fmt: skip
+    torch.rand(1)  # some RNG state of this process's own
+    before = process_state()
+    with isolated_global_state():
+        os.chdir(tmp_path)
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(args)
+        during = process_state()
+    changed = [key for key in before if not equal(before[key], during[key])]
+    # what the restoration is for: main() does change these
+    assert {"environ", "deterministic", "torch_rng", "rank_zero_filters", "cwd"} <= set(changed)
+    assert [key for key in before if not equal(before[key], process_state()[key])] == []
+    # and the helper the catalog uses restores them too (a folder of its own: no logger,
+    # so the checkpoints go to the working directory)
+    (tmp_path / "again").mkdir()
+    result = mneme_in_process(args, tmp_path / "again")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [key for key in before if not equal(before[key], process_state()[key])] == []
+
+
+def equal(a, b) -> bool:
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b

@@ -1,5 +1,5 @@
-"""Runs that do not finish, or would share a folder: each needs a process of its own (a
-signal ends it) or tests the CLI's mechanism directly.
+"""Runs that do not finish, or would share a folder: a process of its own where a signal
+ends the run, the CLI's mechanism directly otherwise (a prefix run in this process).
 
 An interrupted run must exit non-zero, say in one line how to resume, and mark its
 ``continual_metrics.json`` incomplete; two runs on one logs folder never share a version.
@@ -24,7 +24,7 @@ from mneme.callbacks import FiniteLossGuard
 from mneme.callbacks.finite_loss import NonFiniteDataError
 from mneme.datamodules import ConfigError, ContinualDataModule
 
-from tests.conftest import ROOT, digits_stream
+from tests.conftest import ROOT, digits_stream, mneme_in_process
 from tests.test_bad_inputs import QUICKSTART
 from tests.test_bad_inputs import run_mneme as run_mneme_here
 
@@ -141,9 +141,9 @@ def test_the_guard_blames_training_on_finite_data(tmp_path):
 
 
 def test_a_prefix_run_is_reported_incomplete(tmp_path):
-    result = run_mneme(["fit", "--config", QUICKSTART, "--trainer.callbacks", "[]",
-                        "--data.epochs_per_experience", "1", "--trainer.max_epochs", "2"],
-                       tmp_path)  # fmt: skip
+    result = mneme_in_process(["fit", "--config", QUICKSTART, "--trainer.callbacks", "[]",
+                               "--data.epochs_per_experience", "1", "--trainer.max_epochs", "2"],
+                              tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Incomplete: trained 2 of 5 experiences" in result.stdout
     log_dir = next((tmp_path / "logs" / "quickstart").iterdir())

@@ -1,24 +1,25 @@
-"""The `mneme` command end to end, in subprocesses, as a user runs it."""
+"""The `mneme` command end to end, as a user runs it: the quickstart (the console script,
+shared with test_expected_results through ``quick_config_runs``) and DDP in processes of
+their own; `mneme test` and the print_config round trip in this process
+(``mneme_in_process``), which reports what a process would."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mneme_in_process
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 
 def mneme(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
-    result = subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True
-    )
+    """``mneme <args>`` in this process, asserted to succeed."""
+    result = mneme_in_process(list(args), cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -28,11 +29,10 @@ def only_version(save_dir: Path) -> Path:
     return version
 
 
-@pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp("fit")
-    out = mneme("fit", "--config", str(QUICKSTART), cwd=cwd).stdout
-    return cwd, only_version(cwd / "logs"), out
+@pytest.fixture
+def quickstart_run(quick_run):
+    run = quick_run("quickstart")
+    return run["cwd"], run["log_dir"], run["stdout"]
 
 
 def test_help_is_quick_and_imports_nothing_heavy():
@@ -72,8 +72,11 @@ def test_fit_logs_scalars_heatmap_and_hparams_to_tensorboard(quickstart_run):
     assert "epochs_per_experience: 6" in hparams and "encoder: mneme_mlp" in hparams
 
 
-def test_test_subcommand_evaluates_a_checkpoint_on_the_whole_stream(quickstart_run):
-    cwd, log_dir, _ = quickstart_run
+def test_test_subcommand_evaluates_a_checkpoint_on_the_whole_stream(quickstart_run, tmp_path):
+    _, log_dir, _ = quickstart_run
+    cwd = tmp_path  # the shared run's folder stays as the run left it
+    shutil.copytree(log_dir.parent.parent, cwd / "logs")
+    log_dir = cwd / "logs" / "quickstart" / log_dir.name
     mneme(
         "test",
         "--config",

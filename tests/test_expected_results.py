@@ -4,22 +4,19 @@ Each config in ``configs/`` states in its header a line ``# Expected result:
 average_accuracy A, forgetting F, ...``; this file runs the quick ones through the real CLI
 (in subprocesses, in scratch folders) and asserts the run's ``continual_metrics.json``
 against the figures parsed from that line, so the documentation and the test cannot drift
-apart. The two runs start together (one thread each: the CI machine has 2 cores).
+apart. The runs are conftest's ``quick_config_runs`` (shared with test_cli and test_align:
+each config runs once per session, the two together, one thread each on the 2-core CI).
 """
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import QUICK_CONFIGS, ROOT
 
 CONFIGS = ROOT / "configs"
-QUICK = ("quickstart", "align_digits")  # each runs in well under a minute on one thread
+QUICK = QUICK_CONFIGS
 EXPECTED = re.compile(
     r"^# Expected result: average_accuracy (?P<average_accuracy>\d\.\d+), "
     r"forgetting (?P<forgetting>-?\d\.\d+)",
@@ -57,30 +54,11 @@ def test_every_config_documents_its_expected_result(config):
     assert "OMP_NUM_THREADS=1" in header and "mneme fit --config" in header
 
 
-@pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory) -> dict[str, dict]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
-    runs = {}
-    for name in QUICK:
-        cwd = tmp_path_factory.mktemp(name)
-        args = ["fit", "--config", str(CONFIGS / f"{name}.yaml")]
-        process = subprocess.Popen(
-            [sys.executable, "-c", code, *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        runs[name] = (cwd, process)
-    results = {}
-    for name, (cwd, process) in runs.items():
-        _, stderr = process.communicate(timeout=600)
-        assert process.returncode == 0, f"{name}: {stderr[-3000:]}"
-        (log_dir,) = (cwd / "logs" / name).iterdir()
-        results[name] = json.loads((log_dir / "continual_metrics.json").read_text())
-    return results
+@pytest.fixture
+def quick_runs(quick_run) -> dict[str, dict]:
+    """The runs' continual_metrics.json (conftest's ``quick_config_runs``: the console
+    script in scratch folders, once per session)."""
+    return {name: quick_run(name)["metrics"] for name in QUICK}
 
 
 @pytest.mark.parametrize("name", QUICK)

@@ -1,4 +1,7 @@
-"""A run killed with SIGKILL and resumed from last.ckpt ends with the same accuracy matrix."""
+"""A run killed with SIGKILL and resumed from last.ckpt ends with the same accuracy matrix.
+
+The killed run has a process of its own; the reference and the resumed run run in this
+process (the same ``main``), except under DDP."""
 
 import json
 import os
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mneme_in_process
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 STRATEGIES = {
@@ -63,18 +66,22 @@ KILL_POINTS["replay_ewc_on_demand"] = [
 ]  # fmt: skip
 
 
-def fit(cwd: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    # the console script: Lightning's DDP launcher re-runs it for each rank
-    mneme = Path(sys.executable).parent / "mneme"
+def fit(cwd: Path, name: str, *extra: str, killed: bool = False) -> subprocess.CompletedProcess:
+    """A quickstart run, in this process (``mneme_in_process``) unless it is ``killed``
+    (SIGKILL ends its process) or runs under DDP (the launcher re-runs the console script
+    per rank): a process of its own costs more in imports than the run trains."""
     # the quickstart's own Replay is dropped: each test names its strategy
     args = ["fit", "--config", str(CONFIG), "--trainer.callbacks", "[]",
             "--trainer.deterministic", "true",
             "--trainer.logger.init_args.name", name,
-            "--data.epochs_per_experience", "2"]  # fmt: skip
+            "--data.epochs_per_experience", "2", *extra]  # fmt: skip
+    if not killed and "ddp" not in extra:
+        return mneme_in_process(args, cwd)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
+    env.pop("MNEME_DEBUG", None)
+    mneme = Path(sys.executable).parent / "mneme"  # the console script
     return subprocess.run(
-        [str(mneme), *args, *extra],
-        cwd=cwd, env=env, capture_output=True, text=True,
+        [str(mneme), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
 
 
@@ -92,7 +99,7 @@ def workdir(tmp_path_factory):
 
 def killed_and_resumed(workdir: Path, name: str, strategy: list[str], *kill: str) -> Path:
     killer = ["--trainer.callbacks+=tests.killer.KillAt", *kill]
-    killed = fit(workdir, name, *strategy, *killer)
+    killed = fit(workdir, name, *strategy, *killer, killed=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     last = workdir / "logs" / name / "version_0" / "checkpoints" / "last.ckpt"
     resume = ["--ckpt_path", str(last)] if last.exists() else []  # killed before any save
