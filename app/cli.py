@@ -219,10 +219,13 @@ CPU_THREADS_HELP = (
 def apply_cpu_threads(setting: int | str) -> None:
     """Set torch's CPU thread count for the run (``cpu_threads``).
 
-    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads'): on a 2-core machine
-    shared with other processes, torch's default (one OpenMP thread per core, idle threads
-    spinning) took 2.3-3.3x the time of one thread for the configs' models, and two threads
-    with the passive wait policy were no better than one. A user's ``OMP_NUM_THREADS`` wins.
+    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads') on a 2-core machine shared
+    with other processes: torch's default (one OpenMP thread per core, idle threads spinning)
+    took 2.2-3.1x the time of the best setting. Spinning is the cause: with the passive wait
+    policy that :func:`main` sets before torch loads, two threads were the best setting in 3
+    of 4 cases (at most 1.32x the best), one thread at most 1.77x. Where the policy could not
+    be set (torch already imported, or a user's ``OMP_WAIT_POLICY``), one thread is used. A
+    user's ``OMP_NUM_THREADS`` wins.
     """
     if os.environ.get("OMP_NUM_THREADS") or setting == 0:
         return
@@ -230,10 +233,32 @@ def apply_cpu_threads(setting: int | str) -> None:
         raise ConfigError(f"cpu_threads: got {setting!r}; use auto, 0 (torch's default) or N > 0")
     import torch
 
-    torch.set_num_threads(AUTO_CPU_THREADS if setting == "auto" else setting)
+    torch.set_num_threads(auto_cpu_threads(_PASSIVE_WAIT) if setting == "auto" else setting)
 
 
-AUTO_CPU_THREADS = 1
+def auto_cpu_threads(passive_wait: bool) -> int:
+    """``cpu_threads: auto``: the cores this process may run on when idle OpenMP threads sleep
+    (passive wait), else one thread."""
+    if not passive_wait:
+        return AUTO_CPU_THREADS
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, len(usable) if usable else os.cpu_count() or 1)
+
+
+AUTO_CPU_THREADS = 1  # without the passive wait policy
+# Whether this process's OpenMP runtime reads OMP_WAIT_POLICY=PASSIVE: set by `main` before
+# torch is imported, or the user's own setting.
+_PASSIVE_WAIT = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
+
+
+def prefer_passive_openmp_wait() -> None:
+    """Before torch (and its OpenMP runtime) loads: idle threads sleep instead of spinning,
+    unless the user chose a wait policy. The runtime reads the variable once, at load."""
+    global _PASSIVE_WAIT
+    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
+        return
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    _PASSIVE_WAIT = True
 
 
 def known_keys(parser, message: str) -> list[str]:
@@ -543,6 +568,7 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
+    prefer_passive_openmp_wait()
     if argv[0] == "export":  # imports torch/onnx only when asked
         from mneme.app.export import main as export_main
 

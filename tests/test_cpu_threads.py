@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from mneme.app.cli import AUTO_CPU_THREADS, build_cli, main
+from mneme.app.cli import AUTO_CPU_THREADS, auto_cpu_threads, build_cli, main
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")
@@ -43,3 +44,8 @@ def test_a_bad_setting_is_one_line(capsys, setting):
         main(["fit", *CONFIG, "--cpu_threads", setting])
     message = str(exit_info.value.code)
     assert "cpu_threads" in message and "\n" not in message.strip()
+
+
+def test_auto_is_every_usable_core_only_with_the_passive_wait_policy():
+    assert auto_cpu_threads(passive_wait=True) == len(os.sched_getaffinity(0))
+    assert auto_cpu_threads(passive_wait=False) == AUTO_CPU_THREADS == 1
