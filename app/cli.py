@@ -219,12 +219,13 @@ CPU_THREADS_HELP = (
 def apply_cpu_threads(setting: int | str) -> None:
     """Set torch's CPU thread count for the run (``cpu_threads``).
 
-    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads') on a 2-core machine shared
-    with other processes: torch's default (one OpenMP thread per core, idle threads spinning)
-    took 2.2-3.1x the time of the best setting. Spinning is the cause: with the passive wait
-    policy that :func:`main` sets before torch loads, two threads were the best setting in 3
-    of 4 cases (at most 1.32x the best), one thread at most 1.77x. Where the policy could not
-    be set (torch already imported, or a user's ``OMP_WAIT_POLICY``), one thread is used. A
+    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads') on a 2-core machine: where
+    other processes kept cores busy, torch's default (one OpenMP thread per core, idle threads
+    spinning) took 2.2-3.1x the time of the best setting. Spinning is the cause: with the
+    passive wait policy that :func:`main` sets before torch loads, two threads were at most
+    1.32x the best over idle and loaded runs, one thread at most 1.77x (torch's default was
+    best only on the idle machine). Where the policy could not be set (torch already
+    imported, or a user's ``OMP_WAIT_POLICY``), one thread is used. A
     user's ``OMP_NUM_THREADS`` wins.
     """
     if os.environ.get("OMP_NUM_THREADS") or setting == 0:
