@@ -433,11 +433,18 @@ def export(
     if fmt == "onnx":
         check_onnx_mode(quantize)  # before anything loads
     ckpt = Path(ckpt_path)
+    out = Path(output) if output else ckpt.with_suffix(SUFFIX[fmt])
+    side = out.with_name(out.name + ".json")
+    for path in (out, side):  # an earlier export is never overwritten
+        if path.exists():
+            raise ConfigError(
+                f"--output: '{path}' exists (an earlier export, kept); pass another --output "
+                "or delete it"
+            )
     model, cli = load_model(config_args, ckpt)
     target, key = target_of(model, tower)
     merge_lora(model)
     remove_pruning(model)
-    out = Path(output) if output else ckpt.with_suffix(SUFFIX[fmt])
     out.parent.mkdir(parents=True, exist_ok=True)
     shape = model.hparams["input_shape"] if tower is None else model.hparams["input_shapes"][tower]
     example = example_input(cli.datamodule, key, shape)
@@ -453,7 +460,6 @@ def export(
     meta = sidecar(model, cli.datamodule, ckpt, fmt, tower)
     meta["dtype"] = str(example.dtype).removeprefix("torch.")
     meta["quantization"] = quantized
-    side = out.with_name(out.name + ".json")
     side.write_text(json.dumps(meta, indent=2) + "\n")
     return out, side
 

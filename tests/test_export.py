@@ -81,6 +81,15 @@ def test_torch_export_matches_pytorch(trained, tmp_path):
     assert torch.allclose(program.module()(x), _reference(config, ckpt, x), atol=1e-5)
 
 
+def test_an_earlier_export_is_never_overwritten(trained, tmp_path):
+    config, ckpt = trained
+    out, side = export(["--config", str(config)], str(ckpt), "onnx", str(tmp_path / "k.onnx"))
+    before = out.read_bytes(), side.read_text()
+    with pytest.raises(ConfigError, match=r"^--output: .*k\.onnx' exists"):
+        export(["--config", str(config)], str(ckpt), "onnx", str(out))
+    assert (out.read_bytes(), side.read_text()) == before
+
+
 def test_pruning_is_made_permanent():
     from torch.nn.utils import prune
 
