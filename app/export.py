@@ -254,7 +254,6 @@ def sidecar(
 def load_model(config_args: list[str], ckpt_path: Path):
     """The config's module (and the CLI, for its datamodule and callbacks) with the
     checkpoint's weights, on the CPU."""
-    import torch
     from mneme.app.cli import build_cli, check_checkpoint, check_checkpoint_model
 
     checkpoint = check_checkpoint(str(ckpt_path))
@@ -272,7 +271,6 @@ def load_model(config_args: list[str], ckpt_path: Path):
     model = cls(**hparams)
     model.load_state_dict(checkpoint["state_dict"], strict=False)
     del checkpoint
-    torch.set_grad_enabled(False)
     return model.cpu().eval(), cli
 
 
@@ -441,6 +439,15 @@ def export(
                 f"--output: '{path}' exists (an earlier export, kept); pass another --output "
                 "or delete it"
             )
+    import torch
+
+    with torch.no_grad():  # inference only; grad mode is the caller's again afterwards
+        return _export_model(config_args, ckpt, fmt, out, side, quantize, tower)
+
+
+def _export_model(
+    config_args: list[str], ckpt: Path, fmt: str, out: Path, side: Path, quantize: str, tower
+) -> tuple[Path, Path]:
     model, cli = load_model(config_args, ckpt)
     target, key = target_of(model, tower)
     merge_lora(model)

@@ -85,6 +85,7 @@ def test_an_earlier_export_is_never_overwritten(trained, tmp_path):
     config, ckpt = trained
     out, side = export(["--config", str(config)], str(ckpt), "onnx", str(tmp_path / "k.onnx"))
     before = out.read_bytes(), side.read_text()
+    assert torch.is_grad_enabled()  # the export's no_grad ends with it
     with pytest.raises(ConfigError, match=r"^--output: .*k\.onnx' exists"):
         export(["--config", str(config)], str(ckpt), "onnx", str(out))
     assert (out.read_bytes(), side.read_text()) == before
