@@ -23,9 +23,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from lightning.pytorch import Trainer, seed_everything
-from mneme.app import ContinualClassifier
+from lightning.pytorch import Trainer
 from mneme.callbacks import (
     ContinualMetrics,
     ExperienceCost,
@@ -34,9 +32,8 @@ from mneme.callbacks import (
     Replay,
     RobustAccuracy,
 )
-from mneme.datamodules import ContinualDataModule
 
-from benchmarks.plain import DEFAULT_DATA
+from benchmarks.plain import DEFAULT_DATA, split_mnist_mlp
 
 # name -> the augmentation callbacks (None: no augmentation). Noise is in the stream's units
 # (MNIST standardized: std 1 is one pixel standard deviation, about 0.31 in [0, 1] pixels).
@@ -52,18 +49,7 @@ VARIANTS: dict[str, Callable[[], list[Any]]] = {
 
 
 def run(name: str, epochs: int, data: str, seed: int) -> dict:
-    seed_everything(seed)
-    model = ContinualClassifier(
-        encoder="mneme_mlp",
-        encoder_args={"hidden": [400, 400]},
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-    )
-    datamodule = ContinualDataModule(
-        benchmark="mneme.datamodules.SplitMNISTFile",
-        benchmark_args={"path": data, "n_experiences": 5, "seed": 0},
-        epochs_per_experience=epochs,
-        batch_size=64,
-    )
+    model, datamodule = split_mnist_mlp(data, epochs, seed)
     metrics, cost = ContinualMetrics(print_table=False), ExperienceCost()
     robust = RobustAccuracy(eps=0.1, steps=10)
     augment = VARIANTS[name]()

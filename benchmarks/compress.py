@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier
 from mneme.app.quantize import state_dict_bytes
 from mneme.callbacks import ContinualMetrics, Pruning, Quantization, Replay
-from mneme.datamodules import ContinualDataModule
+
+from benchmarks.plain import split_mnist_mlp
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist10k.npz"
@@ -45,18 +46,7 @@ warnings.filterwarnings("ignore")
 
 def run(args: argparse.Namespace, extra: list) -> tuple[Trainer, ContinualClassifier, dict]:
     """One fit of the replay setup with the ``extra`` callbacks; the float summary."""
-    seed_everything(0)
-    model = ContinualClassifier(
-        encoder="mneme_mlp",
-        encoder_args={"hidden": [400, 400]},
-        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
-    )
-    data = ContinualDataModule(
-        benchmark="mneme.datamodules.SplitMNISTFile",
-        benchmark_args={"path": str(args.data), "n_experiences": 5, "seed": 0},
-        epochs_per_experience=args.epochs,
-        batch_size=64,
-    )
+    model, data = split_mnist_mlp(args.data, args.epochs)
     metrics = ContinualMetrics(print_table=False)
     trainer = Trainer(
         accelerator="cpu",

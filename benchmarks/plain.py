@@ -61,6 +61,29 @@ def mlp(seed: int) -> nn.Sequential:
     return model
 
 
+def split_mnist_mlp(path: str, epochs: int, seed: int = 0) -> tuple[Any, Any]:
+    """The Mneme side of the vs-Avalanche protocol for the callback benchmarks (augmentation,
+    robustness, compress): seeded ``ContinualClassifier`` (MLP 784-400-400-10, SGD lr 0.01
+    momentum 0.9) and split MNIST-10k in 5 experiences, batch 64."""
+    from lightning.pytorch import seed_everything
+    from mneme.app import ContinualClassifier
+    from mneme.datamodules import ContinualDataModule
+
+    seed_everything(seed)
+    model = ContinualClassifier(
+        encoder="mneme_mlp",
+        encoder_args={"hidden": [400, 400]},
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9),
+    )
+    datamodule = ContinualDataModule(
+        benchmark="mneme.datamodules.SplitMNISTFile",
+        benchmark_args={"path": str(path), "n_experiences": 5, "seed": 0},
+        epochs_per_experience=epochs,
+        batch_size=64,
+    )
+    return model, datamodule
+
+
 def copy_weights(source: nn.Module, target: nn.Module) -> None:
     """Copy ``source``'s parameters into ``target``'s, in registration order (shapes checked)."""
     src, dst = list(source.parameters()), list(target.parameters())

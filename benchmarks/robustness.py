@@ -23,9 +23,7 @@ import time
 import warnings
 from typing import Any
 
-import torch
-from lightning.pytorch import Trainer, seed_everything
-from mneme.app import ContinualClassifier
+from lightning.pytorch import Trainer
 from mneme.callbacks import (
     AdversarialTraining,
     ContinualMetrics,
@@ -33,27 +31,15 @@ from mneme.callbacks import (
     Replay,
     RobustAccuracy,
 )
-from mneme.datamodules import ContinualDataModule
 
-from benchmarks.plain import DEFAULT_DATA
+from benchmarks.plain import DEFAULT_DATA, split_mnist_mlp
 
 EVAL_EPS = (0.1, 0.3)
 
 
 def run(train_eps: float | None, train_steps: int, epochs: int, data: str, seed: int) -> dict:
     """One fit; ``train_eps`` None is standard training."""
-    seed_everything(seed)
-    model = ContinualClassifier(
-        encoder="mneme_mlp",
-        encoder_args={"hidden": [400, 400]},
-        optimizer=lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-    )
-    datamodule = ContinualDataModule(
-        benchmark="mneme.datamodules.SplitMNISTFile",
-        benchmark_args={"path": data, "n_experiences": 5, "seed": 0},
-        epochs_per_experience=epochs,
-        batch_size=64,
-    )
+    model, datamodule = split_mnist_mlp(data, epochs, seed)
     metrics = ContinualMetrics(print_table=False)
     cost = ExperienceCost()
     robust = [RobustAccuracy(eps=eps, steps=10) for eps in EVAL_EPS]
