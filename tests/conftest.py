@@ -8,6 +8,10 @@ from pathlib import Path
 # thread and 172 ms with two. Tests check behaviour, not speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from mneme.app.lazy_imports import defer_unused_imports  # noqa: E402
+
+defer_unused_imports()  # as the `mneme` command does, before timm and Avalanche load
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -170,17 +174,99 @@ def mneme_in_process(args: list[str], cwd: Path, env: dict | None = None):
     return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
 
 
+def mneme_in_fork(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
+    """``mneme <args>`` in a process of its own, forked from this one: for runs that a signal
+    ends (SIGKILL, SIGTERM, SIGINT), as the console script runs them (``console_main``, a
+    fresh process's signal handlers, stdout and stderr of its own), without importing torch
+    and Lightning again, which costs a new interpreter more than these runs train. ``env``
+    is set in the child (``TMPDIR`` read again, as a new process reads it); what is read
+    when torch loads (``OMP_*``) and DDP (the launcher re-runs the console script per rank)
+    still need a real subprocess.
+    Returns what ``subprocess.run`` would (a signal's status is minus its number)."""
+    import logging
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import traceback
+
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()  # noqa: SIM115
+    pid = os.fork()
+    if pid == 0:  # the child: it ends here, never back in pytest
+        try:
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - not pytest's capture
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115
+            for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+                for handler in list(getattr(logger, "handlers", [])):
+                    if type(handler).__module__.startswith("_pytest"):
+                        logger.removeHandler(handler)
+                    elif type(handler) is logging.StreamHandler:
+                        handler.setStream(sys.stderr)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.chdir(cwd)
+            os.environ.pop("MNEME_DEBUG", None)
+            os.environ.update(env or {})
+            tempfile.tempdir = None  # tempfile reads TMPDIR again at its next use
+            sys.argv = ["mneme", *args]
+            from mneme.app.cli import console_main
+
+            console_main()  # ends the process
+        except BaseException:  # noqa: BLE001 - reported as the interpreter would
+            traceback.print_exc()
+            sys.stderr.flush()
+        finally:
+            os._exit(1)
+    deadline = time.monotonic() + timeout
+    while (ended := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise subprocess.TimeoutExpired(args, timeout)
+        time.sleep(0.05)
+    texts = []
+    for file in (out, err):
+        file.seek(0)
+        texts.append(file.read().decode(errors="replace"))
+        file.close()
+    return subprocess.CompletedProcess(args, os.waitstatus_to_exitcode(ended[1]), *texts)
+
+
 QUICK_CONFIGS = ("quickstart", "align_digits")  # each runs in well under a minute on one thread
 
 
 @pytest.fixture(scope="session")
-def quick_config_runs(tmp_path_factory) -> dict[str, dict]:
+def quick_config_runs(tmp_path_factory, worker_id) -> dict[str, dict]:
     """``mneme fit --config configs/<name>.yaml`` for the quick configs, as a user runs it:
     the console script, in a process of its own, in a scratch folder. Run once for the
-    session (test_cli, test_expected_results and test_align read the same runs), the two
-    together (one thread each: the CI machine has 2 cores). Each: ``cwd``, ``log_dir``,
-    ``stdout``, ``stderr``, ``returncode`` and ``metrics`` (its continual_metrics.json, or
-    None if the run failed)."""
+    session (test_cli, test_expected_results and test_align read the same runs): under
+    pytest-xdist the first worker to ask runs them, under a lock, in the folder the workers
+    share, and the others read its record. Each: ``cwd``, ``log_dir``, ``stdout``,
+    ``stderr``, ``returncode`` and ``metrics`` (its continual_metrics.json, or None if the
+    run failed)."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root if worker_id == "master" else root.parent  # the workers' common folder
+    record = root / "quick_config_runs.json"
+    with FileLock(f"{record}.lock"):
+        if not record.is_file():
+            record.write_text(json.dumps(run_quick_configs(root / "quick_configs"), default=str))
+        runs = json.loads(record.read_text())
+    for run in runs.values():
+        run["cwd"] = Path(run["cwd"])
+        run["log_dir"] = run["log_dir"] and Path(run["log_dir"])
+    return runs
+
+
+def run_quick_configs(base: Path) -> dict[str, dict]:
+    """The quick configs' runs in folders under ``base``, the two together (one thread
+    each: the CI machine has 2 cores)."""
     import json
     import subprocess
     import sys
@@ -190,7 +276,8 @@ def quick_config_runs(tmp_path_factory) -> dict[str, dict]:
     script = Path(sys.executable).parent / "mneme"
     started = {}
     for name in QUICK_CONFIGS:
-        cwd = tmp_path_factory.mktemp(name)
+        cwd = base / name
+        cwd.mkdir(parents=True)
         out, err = open(cwd / "stdout.txt", "w"), open(cwd / "stderr.txt", "w")  # noqa: SIM115
         args = [str(script), "fit", "--config", str(ROOT / "configs" / f"{name}.yaml")]
         process = subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=err, text=True)

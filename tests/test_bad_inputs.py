@@ -373,21 +373,11 @@ if not torch.cuda.is_available():  # on a machine without a GPU
 LEFT_ABSENT = {"benchmark_needs_a_download": ["fmnist"]}
 
 
-def run_mneme(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("MNEME_DEBUG", None)
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-
-
 def run_mneme_in_process(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """``mneme <args>`` in this process, in ``cwd`` (conftest's ``mneme_in_process``: what a
     subprocess would report, and the process's global state restored after it). For cases
-    that fail before training or train briefly; signals, DDP and environment variables read
-    at import need :func:`run_mneme`."""
+    that fail before training or train briefly; signals need conftest's ``mneme_in_fork``,
+    DDP and environment variables read at import a subprocess."""
     return mneme_in_process(args, cwd)
 
 

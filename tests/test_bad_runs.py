@@ -24,16 +24,8 @@ from mneme.callbacks import FiniteLossGuard
 from mneme.callbacks.finite_loss import NonFiniteDataError
 from mneme.datamodules import ConfigError, ContinualDataModule
 
-from tests.conftest import ROOT, digits_stream, mneme_in_process
+from tests.conftest import digits_stream, mneme_in_fork, mneme_in_process
 from tests.test_bad_inputs import QUICKSTART
-from tests.test_bad_inputs import run_mneme as run_mneme_here
-
-
-def run_mneme(args: list[str], cwd: Path):
-    """``run_mneme`` with this checkout importable, for the test callbacks named by path."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("PYTHONPATH", str(ROOT))
-        return run_mneme_here(args, cwd)
 
 
 class SignalAt(Callback):
@@ -56,7 +48,7 @@ def test_an_interrupted_run_fails_says_how_to_resume_and_is_marked_incomplete(
             "--trainer.callbacks+=tests.test_bad_runs.SignalAt",
             "--trainer.callbacks.init_args.epoch", "2",
             "--trainer.callbacks.init_args.signal", name]  # fmt: skip
-    result = run_mneme(args, tmp_path)
+    result = mneme_in_fork(args, tmp_path)
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]

@@ -3,8 +3,6 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from mneme.app import ContinualClassifier
 from mneme.callbacks import ExperienceCheckpoint
 from mneme.datamodules import ConfigError, ContinualDataModule
 
-from tests.conftest import ROOT, digits_stream
+from tests.conftest import ROOT, digits_stream, mneme_in_fork
 
 
 def fit(tmp_path, **checkpoint_args) -> ExperienceCheckpoint:
@@ -101,13 +99,8 @@ def test_a_kill_while_a_checkpoint_is_copied_from_tmpdir_leaves_a_loadable_last(
             "--data.epochs_per_experience", str(epochs_per_experience),
             "--trainer.callbacks+=tests.test_checkpoint.KillWhileCopying",
             "--trainer.callbacks.init_args.epoch", "2"]  # fmt: skip
-    env = {**os.environ, "TMPDIR": str(tmpdir), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
     try:
-        result = subprocess.run(
-            [sys.executable, "-c", code, *args], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        result = mneme_in_fork(args, tmp_path, env={"TMPDIR": str(tmpdir)}, timeout=300)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]

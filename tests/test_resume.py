@@ -1,7 +1,7 @@
 """A run killed with SIGKILL and resumed from last.ckpt ends with the same accuracy matrix.
 
-The killed run has a process of its own; the reference and the resumed run run in this
-process (the same ``main``), except under DDP."""
+The killed run has a process of its own (forked from this one); the reference and the
+resumed run run in this process (the same ``main``), except under DDP."""
 
 import json
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, mneme_in_process
+from tests.conftest import ROOT, mneme_in_fork, mneme_in_process
 
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 STRATEGIES = {
@@ -67,16 +67,16 @@ KILL_POINTS["replay_ewc_on_demand"] = [
 
 
 def fit(cwd: Path, name: str, *extra: str, killed: bool = False) -> subprocess.CompletedProcess:
-    """A quickstart run, in this process (``mneme_in_process``) unless it is ``killed``
-    (SIGKILL ends its process) or runs under DDP (the launcher re-runs the console script
-    per rank): a process of its own costs more in imports than the run trains."""
+    """A quickstart run, in this process (``mneme_in_process``); in a process forked from
+    this one if it is ``killed`` (SIGKILL ends its process: ``mneme_in_fork``); as the
+    console script under DDP (the launcher re-runs the script per rank)."""
     # the quickstart's own Replay is dropped: each test names its strategy
     args = ["fit", "--config", str(CONFIG), "--trainer.callbacks", "[]",
             "--trainer.deterministic", "true",
             "--trainer.logger.init_args.name", name,
             "--data.epochs_per_experience", "2", *extra]  # fmt: skip
-    if not killed and "ddp" not in extra:
-        return mneme_in_process(args, cwd)
+    if "ddp" not in extra:
+        return (mneme_in_fork if killed else mneme_in_process)(args, cwd)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     env.pop("MNEME_DEBUG", None)
     mneme = Path(sys.executable).parent / "mneme"  # the console script
