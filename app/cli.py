@@ -106,6 +106,13 @@ def build_cli(
     from mneme.datamodules import ContinualDataModule, EpisodicDataModule
 
     class MnemeCLI(LightningCLI):
+        def subcommands(self) -> dict[str, set[str]]:
+            # The parser of the asked subcommand only: LightningCLI builds one for each of
+            # the four from every class's signature, a third of a run's start after imports.
+            every = LightningCLI.subcommands()
+            asked = (args if args is not None else sys.argv[1:])[:1]
+            return {name: skip for name, skip in every.items() if name in asked} or every
+
         def parse_arguments(self, parser, args) -> None:
             check_config_files(args if args is not None else sys.argv[1:])
             try:
