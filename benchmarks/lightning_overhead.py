@@ -10,7 +10,9 @@ progress tracking) is a floor under Mneme's ratio to the plain loop. This measur
   ``training_step`` and ``configure_optimizers``) under ``Trainer(logger=False,
   enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)``;
 - ``lightning+4cb``: the same with four do-nothing callbacks (Mneme's runs carry the metrics,
-  the cost report, the loss guard and a strategy).
+  the cost report, the loss guard and a strategy);
+- ``lightning, manual optimization``: the bare module with ``automatic_optimization =
+  False``, stepping its optimizer in ``training_step`` (no closure, fewer hooks).
 
 Runs are interleaved (each runner once, then again), and the medians reported.
 
@@ -67,17 +69,24 @@ def run_plain(data) -> float:
     return time.perf_counter() - start
 
 
-def run_lightning(data, n_callbacks: int = 0) -> float:
+def run_lightning(data, n_callbacks: int = 0, manual: bool = False) -> float:
     from lightning.pytorch import Callback, LightningModule, Trainer
 
     class Bare(LightningModule):
         def __init__(self) -> None:
             super().__init__()
             self.net = mlp(0)
+            self.automatic_optimization = not manual
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return F.cross_entropy(self.net(x), y)
+            loss = F.cross_entropy(self.net(x), y)
+            if manual:  # Lightning's manual optimization: no closure, fewer hooks
+                optimizer = self.optimizers()
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+            return loss
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "plain": run_plain,
         "lightning": run_lightning,
         "lightning+4cb": lambda d: run_lightning(d, 4),
+        "lightning, manual optimization": lambda d: run_lightning(d, manual=True),
     }
     for runner in runners.values():  # warm-up: imports, allocator, first-call costs
         runner(data[:50])

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, mneme_in_process
+from tests.conftest import ROOT, mneme_in_fork, mneme_in_process
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 EARLIER_RUN = "logs/quickstart/version_0"
@@ -450,18 +450,12 @@ def test_earlier_run_is_untouched(catalog, case):
 @pytest.mark.parametrize("value, shown", [("1", True), ("0", False)])
 def test_debug_variable_shows_the_traceback(tmp_path, value, shown):
     """MNEME_DEBUG=1 (or true, yes) shows tracebacks; 0 (or false, no) does not. The
-    quiet case runs the console script in a process of its own: what a user's shell shows
-    (no traceback from the interpreter either); the traceback case in this process (main()
-    reads the variable when it runs)."""
+    quiet case runs the console script's entry in a process of its own (forked): what a
+    user's shell shows (no traceback from the interpreter either); the traceback case in
+    this process (main() reads the variable when it runs)."""
     args = ["fit", "--config", QUICKSTART, "--data.batch_size", "0"]
-    if shown:
-        result = mneme_in_process(args, tmp_path, env={"MNEME_DEBUG": value})
-    else:
-        env = {**os.environ, "MNEME_DEBUG": value, "PYTHONWARNINGS": "ignore"}
-        script = Path(sys.executable).parent / "mneme"
-        result = subprocess.run(
-            [str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True
-        )
+    run = mneme_in_process if shown else mneme_in_fork
+    result = run(args, tmp_path, env={"MNEME_DEBUG": value})
     assert result.returncode != 0 and ("Traceback" in result.stderr) == shown, result.stderr
     assert shown or result.stderr.strip().splitlines()[-1].startswith("mneme: error: data.")
 
