@@ -7,6 +7,7 @@ Heavy libraries (Lightning, Avalanche, timm) are imported only when a subcommand
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ import threading
 import warnings
 from pathlib import Path
 
+from mneme.app.cpu_threads import prefer_passive_openmp_wait
 from mneme.app.lazy_imports import defer_unused_imports
 from mneme.datamodules.errors import ConfigError, MnemeError
 
@@ -94,8 +96,10 @@ def build_cli(
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
+    from mneme.app.cpu_threads import CPU_THREADS_HELP, apply_cpu_threads
     from mneme.app.errors import summarize_argument_error
     from mneme.callbacks import (
+        AutoCpuThreads,
         ContinualMetrics,
         ExperienceCheckpoint,
         ExperienceCost,
@@ -108,7 +112,8 @@ def build_cli(
     class MnemeCLI(LightningCLI):
         def subcommands(self) -> dict[str, set[str]]:
             # The parser of the asked subcommand only: LightningCLI builds one for each of
-            # the four from every class's signature, a third of a run's start after imports.
+            # the four, from every class's signature (70 failing in-process runs of the
+            # bad-input catalog: 26.3 s with all four, 18.9 s with one).
             every = LightningCLI.subcommands()
             asked = (args if args is not None else sys.argv[1:])[:1]
             return {name: skip for name, skip in every.items() if name in asked} or every
@@ -178,6 +183,8 @@ def build_cli(
             if show and not any(isinstance(c, ProgressBar) for c in callbacks):
                 callbacks.append(StreamProgressBar())
             callbacks += list(extra_callbacks)
+            if config.get("cpu_threads", "auto") == "auto":  # decided once the model is built
+                callbacks.append(AutoCpuThreads())
             kwargs.update(enable_progress_bar=bool(show), callbacks=callbacks)
             if strategy := ddp_with_timeout(user["strategy"]):
                 kwargs["strategy"] = strategy
@@ -218,58 +225,6 @@ def build_cli(
         args=args,
         run=run,
     )
-
-
-CPU_THREADS_HELP = (
-    "torch's intra-op CPU threads: auto (one thread; see README 'CPU threads'), a number, "
-    "or 0 for torch's own default (one per core); OMP_NUM_THREADS, when set, wins"
-)
-
-
-def apply_cpu_threads(setting: int | str) -> None:
-    """Set torch's CPU thread count for the run (``cpu_threads``).
-
-    Measured (benchmarks/cpu_threads.py, RESULTS.md 'CPU threads') on a 2-core machine: where
-    other processes kept cores busy, torch's default (one OpenMP thread per core, idle threads
-    spinning) took 2.2-3.1x the time of the best setting. Spinning is the cause: with the
-    passive wait policy that :func:`main` sets before torch loads, two threads were at most
-    1.32x the best over idle and loaded runs, one thread at most 1.77x (torch's default was
-    best only on the idle machine). Where the policy could not be set (torch already
-    imported, or a user's ``OMP_WAIT_POLICY``), one thread is used. A
-    user's ``OMP_NUM_THREADS`` wins.
-    """
-    if os.environ.get("OMP_NUM_THREADS") or setting == 0:
-        return
-    if isinstance(setting, int) and setting < 0:
-        raise ConfigError(f"cpu_threads: got {setting!r}; use auto, 0 (torch's default) or N > 0")
-    import torch
-
-    torch.set_num_threads(auto_cpu_threads(_PASSIVE_WAIT) if setting == "auto" else setting)
-
-
-def auto_cpu_threads(passive_wait: bool) -> int:
-    """``cpu_threads: auto``: the cores this process may run on when idle OpenMP threads sleep
-    (passive wait), else one thread."""
-    if not passive_wait:
-        return AUTO_CPU_THREADS
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return max(1, len(usable) if usable else os.cpu_count() or 1)
-
-
-AUTO_CPU_THREADS = 1  # without the passive wait policy
-# Whether this process's OpenMP runtime reads OMP_WAIT_POLICY=PASSIVE: set by `main` before
-# torch is imported, or the user's own setting.
-_PASSIVE_WAIT = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
-
-
-def prefer_passive_openmp_wait() -> None:
-    """Before torch (and its OpenMP runtime) loads: idle threads sleep instead of spinning,
-    unless the user chose a wait policy. The runtime reads the variable once, at load."""
-    global _PASSIVE_WAIT
-    if "torch" in sys.modules or "OMP_WAIT_POLICY" in os.environ:
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    _PASSIVE_WAIT = True
 
 
 def known_keys(parser, message: str) -> list[str]:
@@ -700,8 +655,9 @@ def console_main() -> None:
     if any(t.is_alive() and not t.daemon for t in others):
         sys.exit(status)
     atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own, unlisted)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # a reader that has gone (`| head`)
+            stream.flush()
     os._exit(status)
 
 

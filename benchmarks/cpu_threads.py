@@ -36,11 +36,25 @@ SETTINGS = {
     "torch": ({"OMP_WAIT_POLICY": ""}, ["--cpu_threads", "0"]),
     "1": ({"OMP_WAIT_POLICY": ""}, ["--cpu_threads", "1"]),
 }
-_SPIN = "import time\nend = time.time() + {s}\nwhile time.time() < end: pass\n"
+# A busy core: spins until its time is up or the benchmark that started it is gone (a
+# benchmark killed before its cleanup must not leave a core spinning behind it).
+_SPIN = (
+    "import os, time\nparent, end = os.getppid(), time.time() + {s}\n"
+    "while time.time() < end and os.getppid() == parent: pass\n"
+)
 
 
-def run_fit(config: str, env_extra: dict, args: list[str]) -> float:
-    """Wall seconds of one ``mneme fit`` in a fresh process (imports included)."""
+def train_seconds(stdout: str) -> float:
+    """The training seconds of a run: the sum of its cost table's ``train s`` column."""
+    lines = stdout.split("Cost per experience", 1)[1].splitlines()
+    # rows: "exp | trainable total train_s peak_MB ckpt_MB", after the header and a rule
+    rows = [line.split("|")[1].split() for line in lines if line.strip()[:1].isdigit()]
+    return sum(float(row[2]) for row in rows)
+
+
+def run_fit(config: str, env_extra: dict, args: list[str]) -> tuple[float, float]:
+    """Wall seconds of one ``mneme fit`` in a fresh process (imports included), and the
+    seconds it trained (its cost report: the thread setting acts on these)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
     env.update(env_extra)
     config_path = REPO / "configs" / f"{config}.yaml"
@@ -55,7 +69,7 @@ def run_fit(config: str, env_extra: dict, args: list[str]) -> float:
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{config} {args}: {result.stderr.strip().splitlines()[-1:]}")
-    return wall
+    return wall, train_seconds(result.stdout)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,16 +87,19 @@ def main(argv: list[str] | None = None) -> None:
         ]
         try:
             for config in opts.configs.split(","):
-                times: dict[str, list[float]] = {s: [] for s in settings}
+                times: dict[str, list[tuple[float, float]]] = {s: [] for s in settings}
                 for _ in range(opts.repeats):
                     for name in settings:
                         env_extra, args = SETTINGS[name]
                         times[name].append(run_fit(config, env_extra, args))
-                medians = {s: statistics.median(t) for s, t in times.items()}
-                best = min(medians.values())
+                wall = {s: statistics.median(w for w, _ in t) for s, t in times.items()}
+                train = {s: statistics.median(tr for _, tr in t) for s, t in times.items()}
+                best_wall, best_train = min(wall.values()), min(train.values())
                 for name in settings:
-                    rows.append((config, busy, name, medians[name], medians[name] / best))
-                    print(f"{config} busy={busy} {name}: {medians[name]:.2f} s", flush=True)
+                    rows.append((config, busy, name, wall[name], wall[name] / best_wall,
+                                 train[name], train[name] / best_train))  # fmt: skip
+                    print(f"{config} busy={busy} {name}: {wall[name]:.2f} s, trained "
+                          f"{train[name]:.2f} s", flush=True)  # fmt: skip
         finally:
             for spinner in spinners:
                 spinner.kill()
@@ -90,10 +107,11 @@ def main(argv: list[str] | None = None) -> None:
         f"\nnproc={os.cpu_count()} affinity={len(os.sched_getaffinity(0))}; load before: "
         f"{os.getloadavg()[0]:.2f}; median of {opts.repeats}\n"
     )
-    print("| config | busy cores | threads | wall (s) | / best |")
-    print("| --- | --- | --- | --- | --- |")
-    for config, busy, name, wall, ratio in rows:
-        print(f"| {config} | {busy} | {name} | {wall:.2f} | {ratio:.2f}x |")
+    print("| config | busy cores | threads | wall (s) | / best | trained (s) | / best |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for config, busy, name, wall, ratio, train, train_ratio in rows:
+        print(f"| {config} | {busy} | {name} | {wall:.2f} | {ratio:.2f}x | {train:.2f} "
+              f"| {train_ratio:.2f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

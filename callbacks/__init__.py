@@ -5,6 +5,7 @@ from mneme.callbacks.augmentation import InputNoise, MixUp, SpecAugment
 from mneme.callbacks.checkpoint import ExperienceCheckpoint
 from mneme.callbacks.continual_metrics import ContinualMetrics
 from mneme.callbacks.cost import ExperienceCost
+from mneme.callbacks.cpu_threads import AutoCpuThreads
 from mneme.callbacks.der import DER
 from mneme.callbacks.embedding_projector import EmbeddingProjector
 from mneme.callbacks.ewc import EWC
@@ -23,6 +24,7 @@ from mneme.callbacks.unfreeze import ProgressiveUnfreezing
 
 __all__ = [
     "AdversarialTraining",
+    "AutoCpuThreads",
     "InputNoise",
     "MixUp",
     "RobustAccuracy",
