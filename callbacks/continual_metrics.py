@@ -392,9 +392,11 @@ def _changed(cls: type, arguments: dict[str, Any]) -> dict[str, Any]:
 def _is_bookkeeping(callback: Callback) -> bool:
     from lightning.pytorch.callbacks import Checkpoint, ModelSummary, ProgressBar
     from lightning.pytorch.cli import SaveConfigCallback
+    from mneme.callbacks.cpu_threads import AutoCpuThreads
     from mneme.callbacks.finite_loss import FiniteLossGuard
 
-    kinds = (Checkpoint, ModelSummary, ProgressBar, SaveConfigCallback, FiniteLossGuard)
+    kinds = (Checkpoint, ModelSummary, ProgressBar, SaveConfigCallback, FiniteLossGuard,
+             AutoCpuThreads)  # fmt: skip
     return isinstance(callback, (*kinds, ContinualMetrics, ExperienceCost))
 
 
