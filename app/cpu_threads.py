@@ -18,20 +18,21 @@ CPU_THREADS_HELP = (
 )
 
 
-def apply_cpu_threads(setting: int | str, parameters: int = 0) -> None:
+def apply_cpu_threads(setting: int | str, parameters: int = 0, processes: int = 1) -> None:
     """Set torch's CPU thread count for the run (``cpu_threads``); ``auto`` decides from
-    the model's ``parameters`` (0 while it is not built yet: one thread).
+    the model's ``parameters`` (0 while it is not built yet: one thread) and the number of
+    the run's ``processes`` on this machine (DDP ranks share its cores).
 
     Measured on the 2-core machine (``benchmarks/thread_crossover.py``,
-    ``benchmarks/cpu_threads.py``, RESULTS.md 'CPU threads'): torch's default (one OpenMP
-    thread per core, idle threads spinning) is the fastest on an idle machine and 2.3-5.4x
-    slower than one thread where another process keeps a core busy. With the passive wait
-    policy that :func:`main` sets before torch loads, two threads lose to one on small
-    models even on an idle machine (2.8x for the quickstart's MLP, 1.3x at 0.5M parameters,
-    even at 1.9M) and win from there (0.74-0.82x at 4.9-11M parameters; 1.17-1.20x of one
-    thread with a core busy). Hence one thread below 2M parameters, every usable core above,
-    and one thread where the policy could not be set (torch already imported, or a user's
-    ``OMP_WAIT_POLICY``). A user's ``OMP_NUM_THREADS`` wins.
+    ``benchmarks/cpu_threads.py``, RESULTS.md 'CPU threads by model size'): torch's default
+    (one OpenMP thread per core, idle threads spinning) is the fastest on an idle machine and
+    2.1-5.7x slower than one thread where another process keeps a core busy. With the passive
+    wait policy that ``mneme`` sets before torch loads, two threads lose to one on the MLPs
+    under 2M parameters even on an idle machine (1.25-4.6x) and pay from about 5M on an idle
+    machine (0.72-1.02x); with the cores contended they lose at every size (1.07-1.9x). Hence
+    one thread below 2M parameters, every usable core above, and one thread where the policy
+    could not be set (torch already imported, or a user's ``OMP_WAIT_POLICY``). A user's
+    ``OMP_NUM_THREADS`` wins.
     """
     if os.environ.get("OMP_NUM_THREADS") or setting == 0:
         return
@@ -40,18 +41,19 @@ def apply_cpu_threads(setting: int | str, parameters: int = 0) -> None:
     import torch
 
     if setting == "auto":
-        setting = auto_cpu_threads(_PASSIVE_WAIT, parameters)
+        setting = auto_cpu_threads(_PASSIVE_WAIT, parameters, processes)
     torch.set_num_threads(setting)
 
 
-def auto_cpu_threads(passive_wait: bool, parameters: int) -> int:
-    """``cpu_threads: auto``: the cores this process may run on, for a model of at least
-    ``AUTO_PARALLEL_PARAMETERS`` parameters while idle OpenMP threads sleep (passive wait);
-    else one thread."""
+def auto_cpu_threads(passive_wait: bool, parameters: int, processes: int = 1) -> int:
+    """``cpu_threads: auto``: the cores this process may run on, shared among the run's
+    ``processes``, for a model of at least ``AUTO_PARALLEL_PARAMETERS`` parameters while
+    idle OpenMP threads sleep (passive wait); else one thread."""
     if not passive_wait or parameters < AUTO_PARALLEL_PARAMETERS:
         return AUTO_CPU_THREADS
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    return max(1, len(usable) if usable else os.cpu_count() or 1)
+    cores = len(usable) if usable else os.cpu_count() or 1
+    return max(1, cores // max(1, processes))
 
 
 def parameter_count(model) -> int:

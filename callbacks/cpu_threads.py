@@ -18,18 +18,20 @@ class AutoCpuThreads(Callback):
         Trainer(callbacks=[AutoCpuThreads()])
     """
 
-    def _apply(self, pl_module: LightningModule) -> None:
-        apply_cpu_threads("auto", parameter_count(pl_module))
+    @staticmethod
+    def _apply(trainer: Trainer, pl_module: LightningModule) -> None:
+        # the ranks on this machine share its cores (trainer.num_devices: processes per node)
+        apply_cpu_threads("auto", parameter_count(pl_module), trainer.num_devices)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply(pl_module)
+        self._apply(trainer, pl_module)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit":  # `mneme validate`; inside fit, on_fit_start decided
-            self._apply(pl_module)
+            self._apply(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply(pl_module)
+        self._apply(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply(pl_module)
+        self._apply(trainer, pl_module)

@@ -54,6 +54,8 @@ def test_auto_is_every_usable_core_only_for_a_large_model_with_the_passive_wait_
     assert auto_cpu_threads(True, AUTO_PARALLEL_PARAMETERS) == cores
     assert auto_cpu_threads(True, AUTO_PARALLEL_PARAMETERS - 1) == AUTO_CPU_THREADS == 1
     assert auto_cpu_threads(False, 10 * AUTO_PARALLEL_PARAMETERS) == 1
+    # two DDP ranks on this machine share its cores
+    assert auto_cpu_threads(True, AUTO_PARALLEL_PARAMETERS, processes=2) == max(1, cores // 2)
 
 
 @pytest.mark.parametrize(("hidden", "large"), [("[256, 256]", False), ("[2048, 1024]", True)])
