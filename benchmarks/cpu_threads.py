@@ -6,15 +6,16 @@ spinning on a core each (the situation of a shared machine, a second job, or a t
 beside the training). Settings:
 
 - ``mneme``: no environment variable; what Mneme picks (``cpu_threads: auto``: OpenMP's
-  passive wait policy, set before torch loads, and one thread per usable core);
+  passive wait policy, set before torch loads, then one thread for a model under 2M
+  parameters and one per usable core above);
 - ``torch``: Mneme's choice switched off (``--cpu_threads 0`` and an empty
   ``OMP_WAIT_POLICY``, which Mneme leaves alone): torch's default, one thread per core, with
   OpenMP's default wait (idle threads spin before they sleep);
 - ``1``: ``--cpu_threads 1`` with OpenMP's default wait.
 
 Cases run interleaved (every setting once, then again) so that a drift in the machine's
-load hits every setting alike; the table gives the median wall time and its ratio to the
-best setting of the same config and load.
+load hits every setting alike; the table gives the median wall time and training seconds
+(the run's cost report) and their ratios to the best setting of the same config and load.
 
     python -m benchmarks.cpu_threads --configs quickstart,split_mnist_replay --busy 0,1
 """
@@ -38,7 +39,7 @@ SETTINGS = {
 }
 # A busy core: spins until its time is up or the benchmark that started it is gone (a
 # benchmark killed before its cleanup must not leave a core spinning behind it).
-_SPIN = (
+SPIN = (
     "import os, time\nparent, end = os.getppid(), time.time() + {s}\n"
     "while time.time() < end and os.getppid() == parent: pass\n"
 )
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for busy in [int(b) for b in opts.busy.split(",")]:
         spinners = [
-            subprocess.Popen([sys.executable, "-c", _SPIN.format(s=3600)]) for _ in range(busy)
+            subprocess.Popen([sys.executable, "-c", SPIN.format(s=3600)]) for _ in range(busy)
         ]
         try:
             for config in opts.configs.split(","):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.cpu_threads import _SPIN
+from benchmarks.cpu_threads import SPIN
 
 
 def mlp(sizes: list[int]) -> nn.Module:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for busy in [int(b) for b in opts.busy.split(",")]:
         spinners = [
-            subprocess.Popen([sys.executable, "-c", _SPIN.format(s=3600)]) for _ in range(busy)
+            subprocess.Popen([sys.executable, "-c", SPIN.format(s=3600)]) for _ in range(busy)
         ]
         try:
             passive, spinning = run_policy("PASSIVE"), run_policy("")
