@@ -6,20 +6,20 @@ Exports resolve lazily (PEP 562) so that ``mneme --help`` does not import Lightn
 import importlib
 
 _EXPORTS = {
-    "ContinualClassifier": "mneme.app.classifier",
-    "ContrastiveAligner": "mneme.app.aligner",
-    "MetaLearner": "mneme.app.meta_learning",
-    "FewShotEvaluator": "mneme.app.fewshot_eval",
-    "FusionClassifier": "mneme.app.fusion",
-    "MoEHead": "mneme.app.moe",
-    "PrototypicalNetwork": "mneme.app.protonet",
+    "ContinualClassifier": "mneme.app.models.classifier",
+    "ContrastiveAligner": "mneme.app.models.aligner",
+    "MetaLearner": "mneme.app.models.fewshot.maml",
+    "FewShotEvaluator": "mneme.app.models.fewshot.evaluator",
+    "FusionClassifier": "mneme.app.models.fusion",
+    "MoEHead": "mneme.app.nn.heads.moe",
+    "PrototypicalNetwork": "mneme.app.models.fewshot.protonet",
     # prototype heads, and the class statistics few-shot evaluation shares with them
-    "ClassStatistics": "mneme.app.prototypes",
-    "NCMHead": "mneme.app.prototypes",
-    "RanPACHead": "mneme.app.prototypes",
-    "SimpleCILHead": "mneme.app.prototypes",
-    "class_means": "mneme.app.prototypes",
-    "prototype_logits": "mneme.app.prototypes",
+    "ClassStatistics": "mneme.app.nn.heads.prototypes",
+    "NCMHead": "mneme.app.nn.heads.prototypes",
+    "RanPACHead": "mneme.app.nn.heads.prototypes",
+    "SimpleCILHead": "mneme.app.nn.heads.prototypes",
+    "class_means": "mneme.app.nn.heads.prototypes",
+    "prototype_logits": "mneme.app.nn.heads.prototypes",
 }
 __all__ = list(_EXPORTS)
 

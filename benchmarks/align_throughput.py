@@ -49,8 +49,8 @@ def pair_tensors(n: int, image_size: int, context_length: int) -> dict[str, torc
 
 def synthetic_pairs(n: int = 256, image_size: int = 16, context_length: int = 16):
     """One-experience Avalanche stream of :func:`pair_tensors` (the Lightning runner's data)."""
-    from mneme.datamodules.captions import PairedTensors
-    from mneme.datamodules.streams import _split_benchmark
+    from mneme.datamodules.streams.captions import PairedTensors
+    from mneme.datamodules.streams.digits import _split_benchmark
 
     t = pair_tensors(n, image_size, context_length)
     data = PairedTensors([t["image"], t["text"]], t["label"])
@@ -72,7 +72,7 @@ class StepTimer:
 
 def run_lightning(args, device: torch.device, compiled: bool = False) -> float:
     from lightning.pytorch import Callback, Trainer
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
     from mneme.datamodules import ContinualDataModule
 
     timer = StepTimer(args.warmup, device)
@@ -119,7 +119,7 @@ def run_lightning(args, device: torch.device, compiled: bool = False) -> float:
 
 
 def model_shape(name: str) -> tuple[int, int, int]:
-    import mneme.app.modalities  # noqa: F401 - registers mneme-tiny-clip
+    import mneme.app.nn.modalities  # noqa: F401 - registers mneme-tiny-clip
     import open_clip
 
     cfg = open_clip.get_model_config(name)

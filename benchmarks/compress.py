@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier
-from mneme.app.quantize import state_dict_bytes
+from mneme.app.compress.quantize import state_dict_bytes
 from mneme.callbacks import ContinualMetrics, Pruning, Quantization, Replay
 
 from benchmarks.plain import split_mnist_mlp

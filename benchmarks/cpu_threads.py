@@ -59,7 +59,7 @@ def run_fit(config: str, env_extra: dict, args: list[str]) -> tuple[float, float
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_", "GOMP_"))}
     env.update(env_extra)
     config_path = REPO / "configs" / f"{config}.yaml"
-    command = [sys.executable, "-m", "mneme.app.cli", "fit", "--config", str(config_path)]
+    command = [sys.executable, "-m", "mneme.app.cli.main", "fit", "--config", str(config_path)]
     command += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *args]
     start = time.perf_counter()
     # from the repository root (configs name ../shared/data relative to it); each run writes

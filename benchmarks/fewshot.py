@@ -369,9 +369,9 @@ def evaluate(config_path: str) -> None:
 
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.loggers import TensorBoardLogger
-    from mneme.app.fewshot_eval import FewShotEvaluator
-    from mneme.callbacks.fewshot_metrics import FewShotMetrics
-    from mneme.datamodules.episodic import EpisodicDataModule
+    from mneme.app.models.fewshot.evaluator import FewShotEvaluator
+    from mneme.callbacks.reporting.fewshot_metrics import FewShotMetrics
+    from mneme.datamodules.fewshot.datamodule import EpisodicDataModule
 
     config = yaml.safe_load(Path(config_path).read_text())
     seed_everything(config.get("seed_everything", 0))

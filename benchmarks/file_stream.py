@@ -37,7 +37,7 @@ MEAN, STD, SIDE, BATCH, LR = 0.1307, 0.3081, 32, 64, 0.05
 
 def make_folder(npz: Path, out: Path) -> int:
     """The 20,000-file folder (written once; reused when it is complete)."""
-    from mneme.datamodules.file_stream import write_image_folder
+    from mneme.datamodules.streams.files import write_image_folder
 
     if out.is_dir() and sum(1 for _ in out.rglob("*.jpg")) == 20_000:
         return 20_000
@@ -95,7 +95,7 @@ def run_mneme(root: Path, workers: int, seed: int) -> tuple[int, float]:
 
 
 def run_plain(root: Path, workers: int, seed: int) -> tuple[int, float]:
-    from mneme.app.encoders import create_encoder
+    from mneme.app.nn.encoders import create_encoder
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
     from torchvision.io import ImageReadMode, decode_image

@@ -46,7 +46,7 @@ def synthetic_stream(per_experience: int, image_size: int = 32, seed: int = 0):
     classes each) and a small test stream; memoized, so every runner gets this object."""
     key = (per_experience, image_size, seed)
     if key not in _STREAMS:
-        from mneme.datamodules.streams import LabeledTensors, _split_benchmark
+        from mneme.datamodules.streams.digits import LabeledTensors, _split_benchmark
 
         g = torch.Generator().manual_seed(seed)
 
@@ -101,7 +101,7 @@ class Clock:
 # -- Mneme ------------------------------------------------------------------------------------
 def run_mneme(args, strategy: str, device: torch.device, compiled: bool) -> float:
     from lightning.pytorch import Callback, Trainer, seed_everything
-    from mneme.app.classifier import ContinualClassifier
+    from mneme.app.models.classifier import ContinualClassifier
     from mneme.callbacks import EWC, Replay
     from mneme.datamodules import ContinualDataModule
 

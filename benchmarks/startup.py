@@ -8,7 +8,7 @@ interleaved (each once, then again) so that a drift in the machine's load hits a
 - ``mneme fit``: ``mneme fit --config configs/quickstart.yaml`` through the console script,
   with the seconds to its first log line (``Seed set to 0``, printed once the config is
   parsed and before the model is built);
-- ``main(), ordinary exit``: the same run through ``mneme.app.cli.main`` in
+- ``main(), ordinary exit``: the same run through ``mneme.app.cli.main.main`` in
   ``python -c``, which ends through the interpreter's teardown like any Python program
   (what ``mneme`` did before it ended its process itself).
 
@@ -38,7 +38,7 @@ CASES = {
     "main(), ordinary exit": [
         sys.executable,
         "-c",
-        "import sys; from mneme.app.cli import main; main(sys.argv[1:])",
+        "import sys; from mneme.app.cli.main import main; main(sys.argv[1:])",
         "fit",
         "--config",
         QUICKSTART,

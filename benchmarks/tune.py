@@ -30,7 +30,8 @@ KEY = "trainer.callbacks.EWC.ewc_lambda"
 
 def default_run(workdir: Path) -> dict:
     """The config as it is (its own lambda), through ``mneme fit``."""
-    from mneme.app.cli import build_cli, release_claims
+    from mneme.app.cli.parser import build_cli
+    from mneme.app.cli.run_folders import release_claims
 
     logs = workdir / "default"
     try:
@@ -50,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import yaml
-    from mneme.app.tune import tune
+    from mneme.app.tune.search import tune
     from optuna.trial import TrialState
 
     os.chdir(ROOT)  # the config reads ../shared/data relative to the checkout

@@ -202,12 +202,12 @@ def mneme_strategy_callbacks(strategy: str, seed: int) -> list:
     if strategy == "naive":
         return []
     if strategy == "ewc":
-        from mneme.callbacks.ewc import EWC
+        from mneme.callbacks.strategies.ewc import EWC
 
         # Mneme's penalty is λ/2 Σ F (θ-θ*)²: twice Avalanche's λ for the same penalty.
         return [EWC(ewc_lambda=2 * EWC_LAMBDA, mode="separate", seed=seed)]
     if strategy == "replay":
-        from mneme.callbacks.replay import Replay
+        from mneme.callbacks.strategies.replay import Replay
 
         return [
             Replay(
@@ -217,7 +217,7 @@ def mneme_strategy_callbacks(strategy: str, seed: int) -> list:
                 seed=seed,
             )
         ]
-    from mneme.callbacks.lwf import LwF
+    from mneme.callbacks.strategies.lwf import LwF
 
     return [LwF(alpha=LWF_ALPHA, temperature=LWF_TEMPERATURE)]
 
@@ -226,8 +226,8 @@ def run_mneme(
     stream: str, path: str, strategy: str, seed: int, epochs: int, threads: int, profile=None
 ) -> dict[str, Any]:
     from lightning.pytorch import Trainer, seed_everything
-    from mneme.app.classifier import ContinualClassifier
-    from mneme.callbacks.continual_metrics import ContinualMetrics
+    from mneme.app.models.classifier import ContinualClassifier
+    from mneme.callbacks.reporting.continual_metrics import ContinualMetrics
     from mneme.datamodules import ContinualDataModule
 
     torch.set_num_threads(threads)
@@ -319,7 +319,7 @@ def machine() -> dict[str, Any]:
 
 
 def summarize_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from mneme.callbacks.metrics import summarize
+    from mneme.app.core.metrics import summarize
 
     for run in runs:
         s = summarize(run["accuracy_matrix"])
@@ -553,8 +553,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Import everything up front so that no runner pays the imports in its wall time.
     import avalanche.training  # noqa: F401
     import lightning.pytorch  # noqa: F401
-    import mneme.app.classifier  # noqa: F401
-    import mneme.callbacks.continual_metrics  # noqa: F401
+    import mneme.app.models.classifier  # noqa: F401
+    import mneme.callbacks.reporting.continual_metrics  # noqa: F401
 
     _quiet()  # after Lightning's import, which sets its loggers' levels
 
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         )
                     out.update(stream=stream, strategy=strategy, runner=runner, seed=seed)
                     runs.append(out)
-                    from mneme.callbacks.metrics import average_accuracy
+                    from mneme.app.core.metrics import average_accuracy
 
                     print(
                         f"{stream:8s} {strategy:6s} seed={seed} {runner:9s} "

@@ -1,51 +1,51 @@
-"""Continual-learning strategies and dashboards as Lightning callbacks."""
+"""Continual-learning strategies and dashboards as Lightning callbacks.
 
-from mneme.callbacks.adversarial import AdversarialTraining, RobustAccuracy
-from mneme.callbacks.augmentation import InputNoise, MixUp, SpecAugment
-from mneme.callbacks.checkpoint import ExperienceCheckpoint
-from mneme.callbacks.continual_metrics import ContinualMetrics
-from mneme.callbacks.cost import ExperienceCost
-from mneme.callbacks.cpu_threads import AutoCpuThreads
-from mneme.callbacks.der import DER
-from mneme.callbacks.embedding_projector import EmbeddingProjector
-from mneme.callbacks.ewc import EWC
-from mneme.callbacks.experience import ExperienceCallback
-from mneme.callbacks.feature_distillation import FeatureDistillation
-from mneme.callbacks.fewshot_metrics import FewShotMetrics
-from mneme.callbacks.finite_loss import FiniteLossGuard, NonFiniteLossError
-from mneme.callbacks.lwf import LwF
-from mneme.callbacks.mmd import MMDAdaptation
-from mneme.callbacks.progress import StreamProgressBar
-from mneme.callbacks.pruning import Pruning
-from mneme.callbacks.quantization import Quantization
-from mneme.callbacks.replay import Replay
-from mneme.callbacks.teacher_distillation import TeacherDistillation
-from mneme.callbacks.unfreeze import ProgressiveUnfreezing
+``strategies/`` change what the model learns across experiences (Replay, EWC, LwF, DER,
+distillation, MMD); ``training/`` change how a batch is trained (augmentation, adversarial
+examples, unfreezing); ``compression/`` prune and quantize; ``reporting/`` measure and show
+(the accuracy matrix, cost, projector, progress); ``runtime/`` keep a run safe (checkpoints,
+non-finite loss, CPU threads). ``base`` holds :class:`ExperienceCallback`.
 
-__all__ = [
-    "AdversarialTraining",
-    "AutoCpuThreads",
-    "InputNoise",
-    "MixUp",
-    "RobustAccuracy",
-    "SpecAugment",
-    "EmbeddingProjector",
-    "FeatureDistillation",
-    "FewShotMetrics",
-    "EWC",
-    "ContinualMetrics",
-    "DER",
-    "ExperienceCallback",
-    "ExperienceCheckpoint",
-    "ExperienceCost",
-    "FiniteLossGuard",
-    "NonFiniteLossError",
-    "ProgressiveUnfreezing",
-    "Pruning",
-    "Quantization",
-    "LwF",
-    "MMDAdaptation",
-    "Replay",
-    "StreamProgressBar",
-    "TeacherDistillation",
-]
+Exports resolve lazily (PEP 562): importing one callback module loads that one only.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "AdversarialTraining": "mneme.callbacks.training.adversarial",
+    "AutoCpuThreads": "mneme.callbacks.runtime.cpu_threads",
+    "ContinualMetrics": "mneme.callbacks.reporting.continual_metrics",
+    "DER": "mneme.callbacks.strategies.der",
+    "EWC": "mneme.callbacks.strategies.ewc",
+    "EmbeddingProjector": "mneme.callbacks.reporting.embedding_projector",
+    "ExperienceCallback": "mneme.callbacks.base",
+    "ExperienceCheckpoint": "mneme.callbacks.runtime.checkpoint",
+    "ExperienceCost": "mneme.callbacks.reporting.cost",
+    "FeatureDistillation": "mneme.callbacks.strategies.feature_distillation",
+    "FewShotMetrics": "mneme.callbacks.reporting.fewshot_metrics",
+    "FiniteLossGuard": "mneme.callbacks.runtime.finite_loss",
+    "InputNoise": "mneme.callbacks.training.augmentation",
+    "LwF": "mneme.callbacks.strategies.lwf",
+    "MMDAdaptation": "mneme.callbacks.strategies.mmd",
+    "MixUp": "mneme.callbacks.training.augmentation",
+    "NonFiniteLossError": "mneme.callbacks.runtime.finite_loss",
+    "ProgressiveUnfreezing": "mneme.callbacks.training.unfreeze",
+    "Pruning": "mneme.callbacks.compression.pruning",
+    "Quantization": "mneme.callbacks.compression.quantization",
+    "Replay": "mneme.callbacks.strategies.replay",
+    "RobustAccuracy": "mneme.callbacks.training.adversarial",
+    "SpecAugment": "mneme.callbacks.training.augmentation",
+    "StreamProgressBar": "mneme.callbacks.reporting.progress",
+    "TeacherDistillation": "mneme.callbacks.strategies.teacher_distillation",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,30 +1,30 @@
 """LightningDataModules that serve Avalanche benchmark streams, and offline built-in streams.
 
-Exports resolve lazily (PEP 562): ``mneme.datamodules.errors`` and ``schedule`` are light,
+Exports resolve lazily (PEP 562): ``mneme.app.core.errors`` and ``schedule`` are light,
 and importing them (the CLI does, for ``mneme --help``) must not import Avalanche.
 """
 
 import importlib
 
 _EXPORTS = {
-    "CSVCaptions": "mneme.datamodules.csv_captions",
-    "CSVImageStream": "mneme.datamodules.file_stream",
-    "ConfigError": "mneme.datamodules.errors",
+    "CSVCaptions": "mneme.datamodules.streams.csv_captions",
+    "CSVImageStream": "mneme.datamodules.streams.files",
+    "ConfigError": "mneme.app.core.errors",
     "ContinualDataModule": "mneme.datamodules.continual",
-    "EpisodeSampler": "mneme.datamodules.episodes",
-    "EpisodicDataModule": "mneme.datamodules.episodic",
-    "ImageFolderStream": "mneme.datamodules.file_stream",
-    "MnemeError": "mneme.datamodules.errors",
-    "PermutedMNISTFile": "mneme.datamodules.streams",
-    "SplitCaptionedDigits": "mneme.datamodules.captioned_digits",
-    "SplitDigits": "mneme.datamodules.streams",
-    "SplitMNISTFile": "mneme.datamodules.streams",
-    "SpokenDigits": "mneme.datamodules.spoken_digits",
-    "SpokenMNIST": "mneme.datamodules.paired",
-    "TensorBatches": "mneme.datamodules.tensor_batches",
-    "check_class_splits": "mneme.datamodules.episodes",
-    "current_experience": "mneme.datamodules.schedule",
-    "sample_episode": "mneme.datamodules.episodes",
+    "EpisodeSampler": "mneme.datamodules.fewshot.episodes",
+    "EpisodicDataModule": "mneme.datamodules.fewshot.datamodule",
+    "ImageFolderStream": "mneme.datamodules.streams.files",
+    "MnemeError": "mneme.app.core.errors",
+    "PermutedMNISTFile": "mneme.datamodules.streams.digits",
+    "SplitCaptionedDigits": "mneme.datamodules.streams.captioned_digits",
+    "SplitDigits": "mneme.datamodules.streams.digits",
+    "SplitMNISTFile": "mneme.datamodules.streams.digits",
+    "SpokenDigits": "mneme.datamodules.streams.spoken_digits",
+    "SpokenMNIST": "mneme.datamodules.streams.paired",
+    "TensorBatches": "mneme.datamodules.data.tensor_batches",
+    "check_class_splits": "mneme.datamodules.fewshot.episodes",
+    "current_experience": "mneme.app.core.schedule",
+    "sample_episode": "mneme.datamodules.fewshot.episodes",
 }
 __all__ = list(_EXPORTS)
 

@@ -11,11 +11,10 @@ from typing import Any
 import avalanche.benchmarks  # noqa: F401
 import torch
 from lightning.pytorch import LightningDataModule
-from mneme.datamodules import schedule
-from mneme.datamodules.benchmarks import resolve_benchmark
-from mneme.datamodules.declared import AVALANCHE_FIELDS, DeclaredStream
-from mneme.datamodules.errors import ConfigError
-from mneme.datamodules.experiences import (
+from mneme.app.core import schedule
+from mneme.app.core.errors import ConfigError
+from mneme.app.core.seeding import preserved_rng, run_seed
+from mneme.datamodules.data.experiences import (
     DatasetExperience,
     ExperienceData,
     SampleCollate,
@@ -24,8 +23,9 @@ from mneme.datamodules.experiences import (
     fixed_generator,
     stream_targets,
 )
-from mneme.datamodules.seeding import preserved_rng, run_seed
-from mneme.datamodules.tensor_batches import EpochSampler, TensorBatches, epoch_order
+from mneme.datamodules.data.tensor_batches import EpochSampler, TensorBatches, epoch_order
+from mneme.datamodules.streams.declared import AVALANCHE_FIELDS, DeclaredStream
+from mneme.datamodules.streams.registry import resolve_benchmark
 from torch.utils.data import DataLoader
 
 
@@ -54,7 +54,7 @@ class ContinualDataModule(LightningDataModule):
     One ``fit`` trains the whole stream: experience ``k`` covers epochs
     ``[k * epochs_per_experience, (k + 1) * epochs_per_experience)``; the trainer settings
     that make it hold come from :meth:`trainer_settings` (the ``mneme`` CLI applies them)
-    and ``setup`` refuses a trainer that breaks them (see :mod:`mneme.datamodules.schedule`).
+    and ``setup`` refuses a trainer that breaks them (see :mod:`mneme.app.core.schedule`).
 
     Args:
         benchmark: import path of any Avalanche benchmark factory or class, classic
@@ -74,12 +74,12 @@ class ContinualDataModule(LightningDataModule):
         materialize: hold experiences in memory as tensors and slice batches (fast). Set to
             False to read samples on demand through a DataLoader (a stream larger than
             memory, or random augmentation): nothing is read up front, and strategies read
-            only the samples they use (:mod:`mneme.datamodules.experiences`).
+            only the samples they use (:mod:`mneme.datamodules.data.experiences`).
         data_on_device: with ``materialize``, keep the tensors on the training device.
         num_workers: DataLoader workers of a stream read on demand (``materialize: false``,
             file streams: decoding and augmentation run in them).
         prefetch_factor: batches each worker loads ahead, for a file stream
-            (:mod:`mneme.datamodules.file_stream`; its workers persist through an
+            (:mod:`mneme.datamodules.streams.files`; its workers persist through an
             experience, and memory is pinned when training on CUDA).
         validate_each_epoch: validate after every epoch, not only at experience ends.
         seed: seed of the per-epoch shuffling; default the run's (``seed_everything``).
@@ -230,7 +230,7 @@ class ContinualDataModule(LightningDataModule):
     @property
     def train_experiences(self) -> list[ExperienceData]:
         """The training experiences, in stream order: tensors when materialized, else read
-        on demand (see :mod:`mneme.datamodules.experiences`)."""
+        on demand (see :mod:`mneme.datamodules.data.experiences`)."""
         self.scenario  # noqa: B018 - builds the stream on first use
         return self._train
 

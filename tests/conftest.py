@@ -8,7 +8,7 @@ from pathlib import Path
 # thread and 172 ms with two. Tests check behaviour, not speed.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from mneme.app.lazy_imports import defer_unused_imports  # noqa: E402
+from mneme.app.cli.lazy_imports import defer_unused_imports  # noqa: E402
 
 defer_unused_imports()  # as the `mneme` command does, before timm and Avalanche load
 
@@ -152,7 +152,7 @@ def mneme_in_process(args: list[str], cwd: Path, env: dict | None = None):
     import sys
     import traceback
 
-    from mneme.app.cli import main
+    from mneme.app.cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     status = 0
@@ -212,7 +212,7 @@ def mneme_in_fork(args: list[str], cwd: Path, env: dict | None = None, timeout: 
             os.environ.update(env or {})
             tempfile.tempdir = None  # tempfile reads TMPDIR again at its next use
             sys.argv = ["mneme", *args]
-            from mneme.app.cli import console_main
+            from mneme.app.cli.main import console_main
 
             console_main()  # ends the process
         except BaseException:  # noqa: BLE001 - reported as the interpreter would

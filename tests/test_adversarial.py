@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
-from mneme.app.attacks import fgsm, pgd
+from mneme.app.nn.attacks import fgsm, pgd
 from mneme.callbacks import AdversarialTraining, ContinualMetrics, MixUp, Replay, RobustAccuracy
 from mneme.datamodules import ConfigError, ContinualDataModule
 

@@ -7,9 +7,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from mneme.app.alignment_loss import AlignmentLoss
-from mneme.app.modalities import LogMel, build_encoder, mel_filterbank
-from mneme.app.retrieval import CrossModalRecall, class_embeddings
+from mneme.app.nn.losses import AlignmentLoss
+from mneme.app.nn.modalities import LogMel, build_encoder, mel_filterbank
+from mneme.app.nn.retrieval import CrossModalRecall, class_embeddings
 
 D = 32
 
@@ -185,8 +185,8 @@ def test_class_embeddings_are_renormalized_means_of_normalized_templates():
 
 
 def test_zero_shot_accuracy_fills_experience_accuracy():
-    from mneme.app.aligner import ContrastiveAligner
-    from mneme.callbacks.metrics import ExperienceAccuracy
+    from mneme.app.core.metrics import ExperienceAccuracy
+    from mneme.app.models.aligner import ContrastiveAligner
 
     module = ContrastiveAligner(
         encoders={"image": {"model": "mneme_mlp", "args": {"hidden": [8]}}, "text": {}},
@@ -214,7 +214,7 @@ def test_zero_shot_accuracy_fills_experience_accuracy():
 # -- callbacks and continual strategies through Lightning -------------------------------------
 def test_aligner_trains_with_replay_ewc_and_feature_distillation(tmp_path):
     from lightning.pytorch import Trainer
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
     from mneme.callbacks import EWC, ContinualMetrics, FeatureDistillation, Replay
     from mneme.datamodules import ContinualDataModule
 
@@ -295,7 +295,7 @@ def test_align_digits_config_fits_through_the_cli(quick_run):
 
 
 def test_bad_aligner_config_names_the_field():
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     with pytest.raises(ValueError, match=r"model\.pairs"):
         ContrastiveAligner(pairs=[["image", "audio"]])

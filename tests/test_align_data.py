@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 from mneme.datamodules import ContinualDataModule
-from mneme.datamodules.captions import EVAL_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
+from mneme.datamodules.streams.captions import EVAL_TEMPLATES, NUMBER_WORDS, TRAIN_TEMPLATES
 
 from tests.conftest import SHARED_DATA
 
@@ -139,7 +139,7 @@ def test_captions_and_prompts_follow_the_label_whatever_the_class_order(order):
         if fixed:
             assert sorted(exp.classes) == sorted(fixed[2 * (k % 5) : 2 * (k % 5) + 2])
     captions_name_their_labels(dm.train_experiences + dm.test_experiences)
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     module = ContrastiveAligner(input_shapes={"image": (1, 8, 8), "text": (16,)}, num_classes=10)
     module.set_prompts(dm.class_names, dm.prompt_templates)

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from mneme.app.alignment_loss import AlignmentLoss
+from mneme.app.nn.losses import AlignmentLoss
 
 WORLD_SIZE, LOCAL_BATCH, DIM = 2, 6, 8
 

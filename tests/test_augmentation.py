@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from mneme.callbacks import InputNoise, MixUp, Replay
-from mneme.callbacks.replay import CURRENT_ROWS
+from mneme.callbacks.strategies.replay import CURRENT_ROWS
 from mneme.datamodules import ConfigError
 
 from tests.test_strategies import tiny_data, tiny_model
@@ -108,7 +108,7 @@ def test_apply_to_current_needs_replay_to_mark_rows():
 
 # -- SpecAugment: masks on the audio encoder's log-mel ----------------------------------------
 def test_mask_along_axis_zeroes_bands_within_width_on_the_first_rows():
-    from mneme.callbacks.augmentation import mask_along_axis
+    from mneme.callbacks.training.augmentation import mask_along_axis
 
     spec = torch.randn(6, 1, 20, 30) + 5.0  # no exact zeros
     g = torch.Generator().manual_seed(0)
@@ -140,7 +140,7 @@ def tiny_audio_aligner():
 
 
 def _build_audio_aligner():
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     torch.manual_seed(0)
     audio = {"model": "mneme_cnn", "args": {"widths": [4, 8]}, "n_mels": 16, "hop_length": 64}

@@ -2,7 +2,7 @@
 standardization."""
 
 import torch
-from mneme.app.backbones import PretrainedInput
+from mneme.app.nn.backbones import PretrainedInput
 from mneme.datamodules import ContinualDataModule
 
 from tests.conftest import MNIST_NPZ, needs_mnist

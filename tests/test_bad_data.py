@@ -2,7 +2,7 @@
 that must be refused in one line rather than read, misread or exhausted.
 
 Most cases call the loaders directly (fast); the headline cases run the real CLI
-(``mneme.app.cli.main``, in this process as the catalog does) with the catalog's rules:
+(``mneme.app.cli.main.main``, in this process as the catalog does) with the catalog's rules:
 non-zero exit, one final line ``mneme: error: ...`` naming the field and the fix, no
 traceback, an earlier run's files untouched.
 """
@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mneme.app.core.errors import ConfigError
 from mneme.datamodules import ContinualDataModule, SplitDigits
-from mneme.datamodules.benchmarks import registered_streams, resolve_benchmark, stream
-from mneme.datamodules.csv_captions import image_paths, load_images, read_manifest
-from mneme.datamodules.errors import ConfigError
+from mneme.datamodules.streams.csv_captions import image_paths, load_images, read_manifest
+from mneme.datamodules.streams.registry import registered_streams, resolve_benchmark, stream
 
 from tests.conftest import digits_stream
 from tests.test_bad_inputs import (
@@ -85,7 +85,7 @@ def test_a_module_outside_the_benchmark_trees_is_not_even_imported(tmp_path, mon
         ("avalanche.benchmarks.classic.CLEARMetric", "not a benchmark"),  # a class, no scenario
         ("avalanche.benchmarks.utils.concat_datasets", "not a benchmark"),  # a dataset helper
         ("avalanche.benchmarks.classic.cmnist._get_mnist_dataset", "private"),
-        ("mneme.datamodules.streams.load_mnist_npz", "not a registered stream"),
+        ("mneme.datamodules.streams.digits.load_mnist_npz", "not a registered stream"),
         ("mneme.datamodules.continual.materialize", "not a registered stream"),
         ("SplitDigits", "not an import path"),
         ("os.system; touch x", "not an import path"),
@@ -109,7 +109,7 @@ def test_inside_the_trees_only_benchmarks_are_accepted(class_path, why):
         ),
         ("avalanche.benchmarks.scenarios.generic_scenario.CLScenario", {"streams": []}),
         ("mneme.datamodules.SplitDigits", {"n_experiences": 5}),
-        ("mneme.datamodules.streams.SplitDigits", {}),
+        ("mneme.datamodules.streams.digits.SplitDigits", {}),
         ("mneme.datamodules.SplitMNISTFile", {"path": "x.npz"}),
         ("mneme.datamodules.PermutedMNISTFile", {"path": "x.npz"}),
         ("mneme.datamodules.SplitCaptionedDigits", {}),
@@ -146,7 +146,7 @@ def test_the_default_stream_still_resolves():
 
 EARLIER_RUN = "logs/quickstart/version_0"
 TRUSTED_MODULE = """
-from mneme.datamodules.errors import ConfigError
+from mneme.app.core.errors import ConfigError
 
 
 def factory(**kwargs):
@@ -456,7 +456,7 @@ def pixels() -> np.ndarray:
 
 
 def test_float_images_in_unit_range_read_as_the_same_uint8_images(tmp_path, pixels):
-    from mneme.datamodules.streams import load_mnist_npz
+    from mneme.datamodules.streams.digits import load_mnist_npz
 
     as_uint8 = load_mnist_npz(mnist_file(tmp_path / "u8.npz", pixels))[0].inputs
     for dtype in (np.float32, np.float64):
@@ -478,7 +478,7 @@ def test_float_images_in_unit_range_read_as_the_same_uint8_images(tmp_path, pixe
 def test_images_of_another_scale_are_refused_not_divided_by_255(
     tmp_path, pixels, convert, expected
 ):  # noqa: E501
-    from mneme.datamodules.streams import load_mnist_npz
+    from mneme.datamodules.streams.digits import load_mnist_npz
 
     path = mnist_file(tmp_path / "odd.npz", convert(pixels))
     with pytest.raises(
@@ -532,7 +532,7 @@ def npz_of(path: Path, members: dict[str, bytes]) -> Path:
          "truncated", "plain_npy"],
 )  # fmt: skip
 def test_a_hostile_npz_is_refused_before_it_is_read(tmp_path, monkeypatch, make, expected):
-    from mneme.datamodules.streams import load_mnist_npz
+    from mneme.datamodules.streams.digits import load_mnist_npz
 
     marker = tmp_path / "unpickled"
     monkeypatch.setenv("MNEME_TEST_MARKER", str(marker))
@@ -570,7 +570,7 @@ def spoken_file(path: Path, **override) -> Path:
          "voice_out_of_range", "negative_label"],
 )  # fmt: skip
 def test_a_spoken_digits_file_that_would_be_misread_is_refused(tmp_path, override, expected):
-    from mneme.datamodules.spoken_digits import load_spoken_digits
+    from mneme.datamodules.streams.spoken_digits import load_spoken_digits
 
     path = spoken_file(tmp_path / "spoken.npz", **override)
     with pytest.raises(ConfigError, match=f"data.benchmark_args.path: '.*spoken.npz' .*{expected}"):
@@ -578,7 +578,7 @@ def test_a_spoken_digits_file_that_would_be_misread_is_refused(tmp_path, overrid
 
 
 def test_a_good_spoken_digits_file_reads(tmp_path):
-    from mneme.datamodules.spoken_digits import load_spoken_digits
+    from mneme.datamodules.streams.spoken_digits import load_spoken_digits
 
     data = load_spoken_digits(spoken_file(tmp_path / "spoken.npz", sample_rate=np.array(8000)))
     assert data["audio"].shape == (20, 800) and list(data["accent"][:2]) == ["en", "en"]
@@ -600,6 +600,6 @@ def test_a_template_with_other_fields_is_refused(template):
 
 
 def test_a_template_with_a_literal_brace_is_accepted():
-    from mneme.datamodules.captions import check_templates
+    from mneme.datamodules.streams.captions import check_templates
 
     check_templates(["{{a set}} of {}", "{}"])

@@ -1,4 +1,4 @@
-"""A catalog of bad inputs, each through the real CLI (``mneme.app.cli.main``).
+"""A catalog of bad inputs, each through the real CLI (``mneme.app.cli.main.main``).
 
 Every case must: exit non-zero; end with one short line ``mneme: error: ...`` that names
 the offending field or file; print no traceback; and leave an earlier run's logs and
@@ -485,7 +485,7 @@ def test_an_in_process_run_leaves_the_process_as_it_found_it(tmp_path):
     """``main()`` seeds the global RNGs, sets PL_GLOBAL_SEED, torch's deterministic mode and
     warnings filters, and adds a logging filter: ``mneme_in_process`` must undo all of it,
     or one catalog case would change the tests after it."""
-    from mneme.app.cli import main
+    from mneme.app.cli.main import main
 
     from tests.conftest import isolated_global_state
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from mneme.app import ContinualClassifier
-from mneme.app.cli import CLAIMED, claim_log_version, release_claims
-from mneme.app.errors import summarize_library_error
+from mneme.app.cli.messages import summarize_library_error
+from mneme.app.cli.run_folders import CLAIMED, claim_log_version, release_claims
 from mneme.callbacks import FiniteLossGuard
-from mneme.callbacks.finite_loss import NonFiniteDataError
+from mneme.callbacks.runtime.finite_loss import NonFiniteDataError
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 from tests.conftest import digits_stream, mneme_in_fork, mneme_in_process

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
-from mneme.app.bottleneck_adapters import Bottleneck, add_bottleneck_adapters, matches
-from mneme.app.encoders import create_encoder
-from mneme.datamodules.errors import ConfigError
+from mneme.app.core.errors import ConfigError
+from mneme.app.finetuning.bottleneck_adapters import Bottleneck, add_bottleneck_adapters, matches
+from mneme.app.nn.encoders import create_encoder
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 

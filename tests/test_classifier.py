@@ -3,7 +3,7 @@
 import pytest
 import torch
 from mneme.app import ContinualClassifier
-from mneme.app.encoders import create_encoder
+from mneme.app.nn.encoders import create_encoder
 from mneme.datamodules import ContinualDataModule
 
 from tests.conftest import digits_stream

@@ -36,7 +36,7 @@ def quickstart_run(quick_run):
 
 
 def test_help_is_quick_and_imports_nothing_heavy():
-    code = "import sys; from mneme.app.cli import main; main(['--help']); assert 'lightning' not in sys.modules and 'torch' not in sys.modules"  # noqa: E501
+    code = "import sys; from mneme.app.cli.main import main; main(['--help']); assert 'lightning' not in sys.modules and 'torch' not in sys.modules"  # noqa: E501
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "fit" in result.stdout and "test" in result.stdout

@@ -12,7 +12,7 @@ import torch
 import torch._dynamo
 from lightning.pytorch import Callback, seed_everything
 from mneme.app import ContinualClassifier
-from mneme.app.continual_module import compile_options, prefer_fused, rebuild_fused
+from mneme.app.models.base import compile_options, prefer_fused, rebuild_fused
 from mneme.callbacks import EWC, ContinualMetrics, LwF, Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch._dynamo.utils import counters
@@ -162,7 +162,7 @@ def test_replay_concatenation_and_lwf_trace_without_graph_breaks():
 
 
 def test_feature_distillation_traces_without_graph_breaks_and_aligner_towers_compile():
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
     from mneme.callbacks import FeatureDistillation
 
     torch.manual_seed(0)

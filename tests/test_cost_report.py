@@ -14,10 +14,10 @@ from lightning.pytorch import Callback, LightningModule, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from mneme.app import ContinualClassifier
+from mneme.app.core.schedule import current_experience
 from mneme.callbacks import ContinualMetrics, ExperienceCost
-from mneme.callbacks.cost import COST_FIELDS, format_cost, serialized_bytes
+from mneme.callbacks.reporting.cost import COST_FIELDS, format_cost, serialized_bytes
 from mneme.datamodules import ConfigError, ContinualDataModule
-from mneme.datamodules.schedule import current_experience
 
 from tests.conftest import digits_stream, quiet_trainer
 
@@ -183,7 +183,7 @@ def test_a_resumed_run_keeps_the_rows_and_the_seconds_under_way(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter", "ignore::DeprecationWarning")
 def test_the_cli_measures_cost_in_every_run():
-    from mneme.app.cli import build_cli
+    from mneme.app.cli.parser import build_cli
 
     from tests.test_cli import QUICKSTART
 

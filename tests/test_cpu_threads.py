@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from mneme.app import cpu_threads
-from mneme.app.cli import build_cli, main
-from mneme.app.cpu_threads import AUTO_CPU_THREADS, AUTO_PARALLEL_PARAMETERS, auto_cpu_threads
+from mneme.app.cli.main import main
+from mneme.app.cli.parser import build_cli
+from mneme.app.core import threads as cpu_threads
+from mneme.app.core.threads import AUTO_CPU_THREADS, AUTO_PARALLEL_PARAMETERS, auto_cpu_threads
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
 pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI.s args parameter")

@@ -12,7 +12,7 @@ import torch
 from mneme.app import ContinualClassifier
 from mneme.callbacks import EWC, LwF, Replay
 from mneme.datamodules import ContinualDataModule
-from mneme.datamodules.experiences import DatasetExperience, TensorExperience
+from mneme.datamodules.data.experiences import DatasetExperience, TensorExperience
 from torch.utils.data import Dataset
 
 from tests.conftest import digits_stream, quiet_trainer
@@ -43,7 +43,7 @@ class FileDigits(Dataset):
 
 def file_stream(tmp_path: Path):
     from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
-    from mneme.datamodules.streams import load_digits_tensors
+    from mneme.datamodules.streams.digits import load_digits_tensors
 
     train, test = load_digits_tensors()
     datasets = []
@@ -134,7 +134,7 @@ def test_experience_metadata_needs_no_sample(materialize):
 def test_sample_keys_in_the_wrong_order_are_refused(tmp_path, materialize, keys, reason):
     from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
     from mneme.datamodules import ConfigError
-    from mneme.datamodules.streams import load_digits_tensors
+    from mneme.datamodules.streams.digits import load_digits_tensors
 
     # an Avalanche scenario, which does not declare its fields: sample_keys names them
     scenario = nc_benchmark(*load_digits_tensors(), n_experiences=5, task_labels=False, seed=0)

@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
 from mneme.callbacks import DER, ContinualMetrics
-from mneme.callbacks.der import LOGITS_KEY
+from mneme.callbacks.strategies.der import LOGITS_KEY
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

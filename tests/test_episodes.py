@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from mneme.datamodules import ConfigError, EpisodicDataModule, check_class_splits, sample_episode
-from mneme.datamodules.episodes import EpisodeSampler, rank_episodes
+from mneme.datamodules.fewshot.episodes import EpisodeSampler, rank_episodes
 
 from tests.conftest import SHARED_DATA
 

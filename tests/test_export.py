@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from mneme.app.export import export, export_program, logits_module, parse_args, remove_pruning
-from mneme.datamodules.errors import ConfigError
+from mneme.app.compress.export import (
+    export,
+    export_program,
+    logits_module,
+    parse_args,
+    remove_pruning,
+)
+from mneme.app.core.errors import ConfigError
 
 CONFIG = """
 seed_everything: 0
@@ -35,7 +41,7 @@ data:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny MLP classifier trained one epoch on the sklearn digits, through `mneme fit`."""
-    from mneme.app.cli import main
+    from mneme.app.cli.main import main
 
     root = tmp_path_factory.mktemp("export")
     config = root / "config.yaml"
@@ -46,7 +52,7 @@ def trained(tmp_path_factory):
 
 
 def _reference(config: Path, ckpt: Path, x: torch.Tensor) -> torch.Tensor:
-    from mneme.app.export import load_model
+    from mneme.app.compress.export import load_model
 
     model, _ = load_model(["--config", str(config)], ckpt)
     with torch.no_grad():
@@ -128,8 +134,8 @@ def _close(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 
 def test_quantized_torch_export_runs_torchao_int8(trained, tmp_path):
-    from mneme.app.export import load_model
-    from mneme.app.quantize import quantize_model
+    from mneme.app.compress.export import load_model
+    from mneme.app.compress.quantize import quantize_model
 
     config, ckpt = trained
     out, side = export(["--config", str(config)], str(ckpt), "torch.export",
@@ -196,7 +202,7 @@ data:
 def aligner(tmp_path_factory):
     """An aligner's checkpoint (random towers: what is checked is the export, not training),
     and a config whose Quantization callback makes the image tower int8 only."""
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     root = tmp_path_factory.mktemp("aligner")
     torch.manual_seed(0)
@@ -248,7 +254,7 @@ def test_aligner_towers_export_quantized_as_the_config_asks(aligner, tmp_path):
 
 
 def test_aligner_needs_a_known_tower(aligner):
-    from mneme.app.export import target_of
+    from mneme.app.compress.export import target_of
 
     _, _, model = aligner
     with pytest.raises(ConfigError, match=r"--tower: a ContrastiveAligner exports one tower"):

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier, ContrastiveAligner
-from mneme.app.modalities import encoder_type
-from mneme.app.protocols import Classifier, StrategyHost, require
+from mneme.app.core.protocols import Classifier, StrategyHost, require
+from mneme.app.nn.modalities import encoder_type
 from mneme.callbacks import ContinualMetrics, ExperienceCallback, FeatureDistillation, LwF, Replay
-from mneme.callbacks.buffer_policies import buffer_policy
+from mneme.callbacks.strategies.buffer_policies import buffer_policy
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch import nn
 

@@ -92,7 +92,7 @@ def quiet(tmp_path, **args):
 def digits():
     """A tiny ContinualClassifier trained on digits 0-4 (the first of two experiences), its
     checkpoint, and the test samples of digits 5-9 it never saw."""
-    from mneme.app.classifier import ContinualClassifier
+    from mneme.app.models.classifier import ContinualClassifier
     from mneme.datamodules import ContinualDataModule
 
     folder = __import__("tempfile").mkdtemp()
@@ -169,7 +169,7 @@ def test_head_finetuning_of_batched_episodes_equals_one_episode_at_a_time(digits
     evaluator = FewShotEvaluator(checkpoint=path, methods=["finetune"], finetune_steps=5)
     batch = episodes(images, labels, META_TEST, 5, 2, 3, tasks=3, seed=0)
     with torch.no_grad():
-        from mneme.app.protonet import encode_episodes
+        from mneme.app.models.fewshot.protonet import encode_episodes
 
         support, query = encode_episodes(evaluator.features, batch, "image")
     together = evaluator.finetune(batch, support, query)
@@ -182,7 +182,7 @@ def test_head_finetuning_of_batched_episodes_equals_one_episode_at_a_time(digits
 def tiny_aligner_checkpoint(path):
     """An (untrained) tiny ContrastiveAligner saved as Lightning saves a module."""
     import lightning
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     torch.manual_seed(0)
     aligner = ContrastiveAligner(
@@ -206,7 +206,7 @@ def test_aligner_zero_shot_beside_prototypes_and_finetune_on_the_same_episodes(
     digits, tmp_path, capsys
 ):
     from mneme.app import FewShotEvaluator
-    from mneme.app.retrieval import class_embeddings
+    from mneme.app.nn.retrieval import class_embeddings
     from mneme.callbacks import FewShotMetrics
 
     _, images, labels = digits
@@ -234,7 +234,7 @@ def test_aligner_zero_shot_beside_prototypes_and_finetune_on_the_same_episodes(
 
 def test_zero_shot_needs_class_names_and_an_aligner(digits, tmp_path):
     from mneme.app import FewShotEvaluator
-    from mneme.datamodules.errors import ConfigError
+    from mneme.app.core.errors import ConfigError
 
     path, images, labels = digits
     with pytest.raises(ConfigError, match="model.methods: a ContinualClassifier is evaluated"):
@@ -250,19 +250,24 @@ def test_zero_shot_needs_class_names_and_an_aligner(digits, tmp_path):
 
 def test_a_checkpoint_of_another_class_is_refused_in_one_line(digits, tmp_path):
     from mneme.app import FewShotEvaluator
-    from mneme.app.protonet import PrototypicalNetwork
-    from mneme.datamodules.errors import ConfigError
+    from mneme.app.core.errors import ConfigError
+    from mneme.app.models.fewshot.protonet import PrototypicalNetwork
 
     path, *_ = digits
     # recorded by the CLI: the class path, read as text (nothing imported)
     checkpoint = torch.load(path, weights_only=True)
-    checkpoint["hyper_parameters"]["_class_path"] = "mneme.app.protonet.PrototypicalNetwork"
+    checkpoint["hyper_parameters"]["_class_path"] = (
+        "mneme.app.models.fewshot.protonet.PrototypicalNetwork"
+    )
     foreign = tmp_path / "foreign.ckpt"
     torch.save(checkpoint, foreign)
     with pytest.raises(ConfigError) as error:
         FewShotEvaluator(checkpoint=str(foreign))
     message = str(error.value)
-    assert "\n" not in message and "holds a mneme.app.protonet.PrototypicalNetwork" in message
+    assert (
+        "\n" not in message
+        and "holds a mneme.app.models.fewshot.protonet.PrototypicalNetwork" in message
+    )
     # saved by a plain Trainer (no class path): hyperparameters that fit neither class
     net = PrototypicalNetwork(
         encoder_args={"hidden": [8]}, input_key="image", input_shape=[1, 8, 8]
@@ -281,7 +286,7 @@ def test_a_checkpoint_of_another_class_is_refused_in_one_line(digits, tmp_path):
 
 def test_episodes_of_another_shape_are_refused_naming_the_checkpoint(digits, tmp_path):
     from mneme.app import FewShotEvaluator
-    from mneme.datamodules.errors import ConfigError
+    from mneme.app.core.errors import ConfigError
 
     path, images, labels = digits
     data = DigitEpisodes(images, labels, settings=[(5, 1)], batches=1, tasks=1)

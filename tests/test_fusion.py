@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from mneme.app import FusionClassifier
-from mneme.app.fusion import encoder_tokens
+from mneme.app.models.fusion import encoder_tokens
 from mneme.callbacks import EWC, ContinualMetrics, Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
 
@@ -133,7 +133,7 @@ def paired() -> ContinualDataModule:
 
 @needs_pairs
 def test_pairs_hold_an_mnist_image_of_the_spoken_digit(paired):
-    from mneme.datamodules.streams import load_mnist_npz
+    from mneme.datamodules.streams.digits import load_mnist_npz
 
     data = paired
     train_rows, test_rows = (d.inputs.flatten(1) for d in load_mnist_npz(MNIST_NPZ))

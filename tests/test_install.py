@@ -28,7 +28,7 @@ def test_install_claims_no_generic_top_level_name(tmp_path):
 
 def test_help_and_errors_module_import_no_avalanche(tmp_path):
     probe = (
-        "import sys; import mneme.app.cli, mneme.datamodules.errors, mneme.datamodules.schedule; "
+        "import sys; import mneme.app.cli.main, mneme.app.core.errors, mneme.app.core.schedule; "
         "print(sorted(m for m in ('avalanche', 'lightning', 'torch') if m in sys.modules))"
     )
     out = subprocess.run(

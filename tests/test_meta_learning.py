@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningDataModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
-from mneme.app.meta_learning import MetaLearner
-from mneme.datamodules.errors import ConfigError
+from mneme.app.core.errors import ConfigError
+from mneme.app.models.fewshot.maml import MetaLearner
 
 SHAPE = (1, 4, 4)
 N_WAY, K_SHOT, Q_QUERY = 3, 2, 2
@@ -387,7 +387,7 @@ def test_meta_trains_validates_and_tests_on_the_episodic_datamodule(tmp_path):
     fit.fit(model, digit_episodes())
     assert "val/accuracy_3way_1shot" in fit.callback_metrics  # val: the first eval setting
     assert torch.isfinite(fit.callback_metrics["train/meta_loss"])
-    from mneme.callbacks.fewshot_metrics import FewShotMetrics
+    from mneme.callbacks.reporting.fewshot_metrics import FewShotMetrics
 
     test = trainer(callbacks=[FewShotMetrics(print_table=False)], default_root_dir=tmp_path)
     (logged, _) = test.test(model, digit_episodes(), verbose=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch import Callback, seed_everything
-from mneme.app.meta_learning import MetaLearner
+from mneme.app.models.fewshot.maml import MetaLearner
 
 from tests.test_meta_learning import Batches, SyntheticEpisodes, meta_batch, trainer
 

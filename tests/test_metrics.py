@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from mneme.callbacks.metrics import (
+from mneme.app.core.metrics import (
     ExperienceAccuracy,
     average_accuracy,
     average_incremental_accuracy,
@@ -129,7 +129,7 @@ def test_mtil_figures_of_a_partial_run_and_of_one_experience():
 
 
 def test_printed_tables():
-    from mneme.callbacks.continual_metrics import format_stage, format_summary
+    from mneme.callbacks.reporting.continual_metrics import format_stage, format_summary
 
     text = format_summary(summarize(R3, B3))
     assert "zero-shot" not in text and "MTIL" not in text

@@ -9,10 +9,10 @@ import pytest
 import torch
 from mneme.app import ContinualClassifier
 from mneme.callbacks import MMDAdaptation
-from mneme.callbacks.mmd import mmd2
+from mneme.callbacks.strategies.mmd import mmd2
 from mneme.datamodules import ConfigError
-from mneme.datamodules.benchmarks import stream
-from mneme.datamodules.experiences import TensorExperience
+from mneme.datamodules.data.experiences import TensorExperience
+from mneme.datamodules.streams.registry import stream
 
 
 def hand_mmd2(x, y, multipliers):
@@ -95,7 +95,7 @@ def test_loss_term_draws_the_next_experience_and_trains_the_encoder():
     outputs = {"features": model.features(batch["image"])}
     loss = mmd.mmd_loss(batch, outputs)
     # the same draw by hand: 6 of experience 1, from (seed 0, rank 0, step 3)
-    from mneme.callbacks.replay import _generator
+    from mneme.callbacks.strategies.replay import _generator
 
     index = torch.randperm(20, generator=_generator(0, 0, 3))[:6]
     target = model.features(stream[1].read(index)["image"])
@@ -141,8 +141,8 @@ def PermutedDigits(n_experiences: int = 2, seed: int = 0):  # noqa: N802 - a str
     """Domain-incremental 8x8 digits (one pixel permutation per experience), built as
     PermutedMNISTFile builds its stream: a small, offline stream for an MMD fit."""
     from avalanche.benchmarks.scenarios.deprecated.generators import nc_benchmark
-    from mneme.datamodules.declared import DeclaredStream
-    from mneme.datamodules.streams import LabeledTensors, load_digits_tensors
+    from mneme.datamodules.streams.declared import DeclaredStream
+    from mneme.datamodules.streams.digits import LabeledTensors, load_digits_tensors
 
     train, test = load_digits_tensors(test_size=0.25, seed=0)
     g = torch.Generator().manual_seed(seed)
@@ -233,7 +233,7 @@ def test_aligner_aligns_the_input_modalitys_embeddings():
     batch = stream[0].read(torch.arange(6))
     outputs = {"embeddings": module.embed(batch, ["audio"])}
     loss = mmd.mmd_loss(batch, outputs)
-    from mneme.callbacks.replay import _generator
+    from mneme.callbacks.strategies.replay import _generator
 
     index = torch.randperm(9, generator=_generator(0, 0, 3))[:4]
     target = module.embed(stream[1].read(index), ["audio"])["audio"]

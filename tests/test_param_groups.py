@@ -8,7 +8,7 @@ import timm
 import torch
 from lightning.pytorch import seed_everything
 from mneme.app import ContinualClassifier
-from mneme.app.param_groups import apply_lr_scale, layer_decay_param_groups
+from mneme.app.finetuning.param_groups import apply_lr_scale, layer_decay_param_groups
 from mneme.datamodules import ConfigError, ContinualDataModule
 from timm.optim import param_groups_layer_decay
 from torch import nn

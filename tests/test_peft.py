@@ -167,7 +167,7 @@ def test_a_checkpoint_holds_what_trained_and_loads_back_exactly(tmp_path):
 
 
 def _lite0_file():
-    from mneme.app.backbones import resolve_weights_path
+    from mneme.app.nn.backbones import resolve_weights_path
 
     return resolve_weights_path(LITE0, "test")
 

@@ -38,7 +38,7 @@ def aligner(text: dict, built: bool = False) -> ContrastiveAligner:
 
 @needs_minilm
 def test_the_stream_tokenizes_captions_with_the_towers_own_tokenizer():
-    from mneme.datamodules.package_files import resolve_path
+    from mneme.app.core.package_files import resolve_path
     from transformers import AutoTokenizer
 
     datamodule = captioned_digits()

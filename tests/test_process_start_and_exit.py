@@ -26,7 +26,7 @@ def python(code: str) -> subprocess.CompletedProcess:
 def test_the_console_exit_keeps_status_output_and_exit_handlers(body, status, stderr):
     result = python(f"""
         import atexit, sys
-        from mneme.app import cli
+        from mneme.app.cli import main as cli
         atexit.register(lambda: print("exit handler ran", flush=True))
         def main():
             sys.stdout.write("buffered, not flushed\\n")
@@ -45,7 +45,7 @@ def test_the_console_exit_keeps_status_output_and_exit_handlers(body, status, st
 def test_a_thread_still_working_finishes_before_the_process_ends():
     result = python("""
         import threading, time
-        from mneme.app import cli
+        from mneme.app.cli import main as cli
         def main():
             def work():
                 time.sleep(0.5)
@@ -62,7 +62,7 @@ def test_a_deferred_module_loads_on_first_use_and_not_when_modules_are_walked():
     pytest.importorskip("wandb")
     result = python("""
         import inspect, sys
-        from mneme.app.lazy_imports import defer_import
+        from mneme.app.cli.lazy_imports import defer_import
         assert defer_import("wandb")
         import wandb
         inspect.getmodule(inspect)  # reads __file__ off every module in sys.modules
@@ -79,7 +79,7 @@ def test_a_deferred_module_loads_on_first_use_and_not_when_modules_are_walked():
 
 
 def test_a_module_that_is_not_installed_is_not_deferred():
-    from mneme.app.lazy_imports import defer_import
+    from mneme.app.cli.lazy_imports import defer_import
 
     assert not defer_import("no_such_module_mneme_test")
     assert "no_such_module_mneme_test" not in sys.modules

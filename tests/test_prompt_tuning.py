@@ -6,9 +6,9 @@ import math
 import pytest
 import timm
 import torch
-from mneme.app.encoders import create_encoder
-from mneme.app.prompt_tuning import add_visual_prompts
-from mneme.datamodules.errors import ConfigError
+from mneme.app.core.errors import ConfigError
+from mneme.app.finetuning.prompt_tuning import add_visual_prompts
+from mneme.app.nn.encoders import create_encoder
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn

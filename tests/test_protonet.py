@@ -35,7 +35,7 @@ def meta_batch(t=2, n=3, k=2, q=2, d=D, spread=3.0, noise=0.3, seed=0):
 
 
 def identity_net(metric="euclidean", temperature=0.1):
-    from mneme.app.protonet import PrototypicalNetwork
+    from mneme.app.models.fewshot.protonet import PrototypicalNetwork
 
     net = PrototypicalNetwork(
         encoder="mneme_mlp",
@@ -90,8 +90,8 @@ def test_cosine_protonet_divides_cosines_by_the_temperature():
 
 
 def test_bad_metric_and_temperature_are_refused_naming_the_field():
-    from mneme.app.protonet import PrototypicalNetwork
-    from mneme.datamodules.errors import ConfigError
+    from mneme.app.core.errors import ConfigError
+    from mneme.app.models.fewshot.protonet import PrototypicalNetwork
 
     with pytest.raises(ConfigError, match="model.metric"):
         PrototypicalNetwork(metric="manhattan")
@@ -154,7 +154,7 @@ def fit_trainer(tmp_path, callbacks=(), **args):
 
 def test_episodic_training_lowers_the_loss_and_fills_episode_accuracies(tmp_path):
     from lightning.pytorch import LightningDataModule
-    from mneme.app.protonet import PrototypicalNetwork
+    from mneme.app.models.fewshot.protonet import PrototypicalNetwork
 
     class Data(Episodes, LightningDataModule):
         def __init__(self):
@@ -188,7 +188,7 @@ def test_episodic_training_lowers_the_loss_and_fills_episode_accuracies(tmp_path
 
 
 def test_padded_episodes_are_left_out():
-    from mneme.app.protonet import episode_metrics, record_accuracies
+    from mneme.app.models.fewshot.protonet import episode_metrics, record_accuracies
 
     metric = episode_metrics(1)[0]
     correct = torch.tensor([[True, True], [True, False], [False, False]])
@@ -198,7 +198,7 @@ def test_padded_episodes_are_left_out():
 
 # -- the report -------------------------------------------------------------------------------
 def test_mean_and_ci95_equal_numpys():
-    from mneme.callbacks.fewshot_metrics import mean_ci95
+    from mneme.callbacks.reporting.fewshot_metrics import mean_ci95
 
     rng = np.random.default_rng(0)
     accuracies = rng.integers(0, 16, size=600) / 15  # 600 episodes of 15 queries
@@ -212,7 +212,7 @@ def test_mean_and_ci95_equal_numpys():
 def test_fewshot_metrics_logs_writes_json_and_prints_method_rows(tmp_path, capsys):
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
-    from mneme.app.protonet import episode_metrics
+    from mneme.app.models.fewshot.protonet import episode_metrics
     from mneme.callbacks import FewShotMetrics
 
     known = {  # (method, setting): accuracies
@@ -281,16 +281,16 @@ def test_fewshot_metrics_logs_writes_json_and_prints_method_rows(tmp_path, capsy
 
 
 def test_fewshot_metrics_refuses_a_module_without_episode_accuracies():
-    from mneme.app.classifier import ContinualClassifier
+    from mneme.app.core.errors import ConfigError
+    from mneme.app.models.classifier import ContinualClassifier
     from mneme.callbacks import FewShotMetrics
-    from mneme.datamodules.errors import ConfigError
 
     with pytest.raises(ConfigError, match="FewShotMetrics needs a ReportsEpisodeAccuracies"):
         FewShotMetrics().setup(None, ContinualClassifier(), "test")
 
 
 def test_one_method_modules_log_plain_setting_names():
-    from mneme.callbacks.fewshot_metrics import format_fewshot
+    from mneme.callbacks.reporting.fewshot_metrics import format_fewshot
 
     rows = [{"method": None, "n_way": 5, "k_shot": 1, "episodes": 600, "mean": 0.5, "ci95": 0.01}]
     text = format_fewshot(rows)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from mneme.app import ContinualClassifier
-from mneme.app.prototypes import (
+from mneme.app.nn.heads.prototypes import (
     NCMHead,
     RanPACHead,
     SimpleCILHead,
@@ -19,7 +19,7 @@ from mneme.app.prototypes import (
 )
 from mneme.callbacks import ContinualMetrics, ExperienceCheckpoint
 from mneme.datamodules import ConfigError, ContinualDataModule
-from mneme.datamodules.experiences import TensorExperience
+from mneme.datamodules.data.experiences import TensorExperience
 
 from tests.conftest import digits_stream, quiet_trainer
 

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ContinualMetrics, Pruning
-from mneme.callbacks.pruning import cubic_sparsity
+from mneme.callbacks.compression.pruning import cubic_sparsity
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch import nn
 from torch.nn.utils import prune
@@ -262,7 +262,7 @@ def test_the_config_types_accept_every_method():
     # LightningCLI checks a config against these Literal annotations, not against METHODS.
     import typing
 
-    from mneme.callbacks.pruning import METHODS, SCHEDULES, SCOPES
+    from mneme.callbacks.compression.pruning import METHODS, SCHEDULES, SCOPES
 
     hints = typing.get_type_hints(Pruning.__init__)
     for field, allowed in (("method", METHODS), ("schedule", SCHEDULES), ("scope", SCOPES)):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
-from mneme.app.quantize import prepare_qat, quantize_model, state_dict_bytes
+from mneme.app.compress.quantize import prepare_qat, quantize_model, state_dict_bytes
 from mneme.callbacks import Quantization
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch import nn
@@ -188,7 +188,7 @@ def fit_with(*callbacks):
 
 # -- attention and the aligner's towers -------------------------------------------------------
 def test_attention_out_proj_stays_float_and_is_named():
-    from mneme.app.quantize import float_layers
+    from mneme.app.compress.quantize import float_layers
 
     seed_everything(0)
     net = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True).eval()
@@ -206,7 +206,7 @@ def test_attention_out_proj_stays_float_and_is_named():
 
 
 def test_tower_selection_is_checked():
-    from mneme.app.quantize import tower_exclude
+    from mneme.app.compress.quantize import tower_exclude
 
     towers = nn.Module()
     towers.encoders = nn.ModuleDict({"image": nn.Linear(2, 2), "text": nn.Linear(2, 2)})
@@ -219,7 +219,7 @@ def test_tower_selection_is_checked():
 
 
 def test_aligner_image_tower_int8_with_zero_shot_and_retrieval_next_to_float(tmp_path):
-    from mneme.app.aligner import ContrastiveAligner
+    from mneme.app.models.aligner import ContrastiveAligner
 
     seed_everything(0)
     net = ContrastiveAligner(
@@ -268,8 +268,8 @@ def test_aligner_image_tower_int8_with_zero_shot_and_retrieval_next_to_float(tmp
 
 
 def test_qat_prepares_only_the_chosen_towers():
-    from mneme.app.aligner import ContrastiveAligner
-    from mneme.app.quantize import convert_qat, tower_exclude
+    from mneme.app.compress.quantize import convert_qat, tower_exclude
+    from mneme.app.models.aligner import ContrastiveAligner
 
     seed_everything(0)
     net = ContrastiveAligner(

@@ -157,8 +157,8 @@ def test_a_trainer_built_without_the_settings_is_refused_before_training(tmp_pat
 
 
 def test_the_baseline_row_is_lightnings_validation_pass_before_training(tmp_path):
+    from mneme.app.core.metrics import ExperienceAccuracy
     from mneme.callbacks import ContinualMetrics
-    from mneme.callbacks.metrics import ExperienceAccuracy
 
     class InitialWeights(Callback):  # the built, untrained model, before any validation
         def on_fit_start(self, trainer, pl_module):

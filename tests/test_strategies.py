@@ -13,8 +13,8 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
 from mneme.callbacks import EWC, ContinualMetrics, LwF, Replay
-from mneme.callbacks.lwf import distillation_loss
-from mneme.callbacks.replay import derive_seed
+from mneme.callbacks.strategies.lwf import distillation_loss
+from mneme.callbacks.strategies.replay import derive_seed
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from mneme.datamodules import ContinualDataModule, TensorBatches
-from mneme.datamodules.benchmarks import resolve_benchmark
+from mneme.datamodules.streams.registry import resolve_benchmark
 
 from tests.conftest import MNIST_NPZ, digits_stream, needs_mnist
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 from mneme.app import ContinualClassifier
 from mneme.callbacks import TeacherDistillation
-from mneme.callbacks.teacher_distillation import PROJECTION, hinton_kd
+from mneme.callbacks.strategies.teacher_distillation import PROJECTION, hinton_kd
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from mneme.app.tune import (
+from mneme.app.core.errors import ConfigError
+from mneme.app.tune.search import (
     ObjectiveKeyError,
     load_search,
     main,
@@ -21,7 +22,6 @@ from mneme.app.tune import (
     parse_space,
     tune,
 )
-from mneme.datamodules.errors import ConfigError
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT
@@ -86,7 +86,7 @@ def test_a_killed_search_resumes_to_exactly_the_asked_trials(files):
     root, config, search = files
     study_dir = root / "study"
     args = ["tune", "--config", str(config), "--search", str(search), "--trials", "3"]
-    code = "import sys; from mneme.app.cli import main; main(sys.argv[1:])"
+    code = "import sys; from mneme.app.cli.main import main; main(sys.argv[1:])"
     process = subprocess.Popen(
         [sys.executable, "-c", code, *args, "--study_dir", str(study_dir)],
         cwd=root,

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ProgressiveUnfreezing
-from mneme.callbacks.unfreeze import block_groups
+from mneme.callbacks.training.unfreeze import block_groups
 from mneme.datamodules import ConfigError, ContinualDataModule
 from timm.models import group_parameters
 from torch import nn

@@ -1,0 +1,416 @@
+"""FusionClassifier: one classifier over paired inputs of several modalities (a spoken digit
+and an image of it; an image and its caption), fusing their encoders by cross-attention or
+by concatenation (late fusion).
+
+Encoders are named per modality exactly as for :class:`mneme.app.ContrastiveAligner`
+(:func:`mneme.app.nn.modalities.build_encoder`: ``type``, ``model``, ``args``, ``weights``,
+...); the batch key is the modality. Two fusions, chosen by ``fusion``:
+
+- ``late``: each encoder's own output vector, a linear map to ``embed_dim``, concatenated,
+  ``LayerNorm``, then the head.
+- ``cross_attention``: each encoder's *tokens* are mapped to ``embed_dim`` (plus a learned
+  position embedding per token and one per modality); the tokens of every query modality
+  (``queries``, default all) attend to the tokens of the other modalities through
+  ``depth`` pre-norm blocks of ``torch.nn.MultiheadAttention`` and an MLP (each with a
+  residual); each query modality's tokens are mean-pooled, the pools concatenated,
+  ``LayerNorm``, then the head.
+
+Tokens, where the encoder offers them (:func:`encoder_tokens`): a timm model's
+``forward_features`` (a ViT's patch and prefix tokens; a CNN's feature map, one token per
+position); Mneme's ``mneme_cnn`` the map before its global pooling; audio (``log_mel``) the
+CNN's map over the spectrogram averaged over frequency, one token per time frame; an
+open_clip text tower its per-position outputs (``output_tokens``; padding masked). An
+encoder that returns only a vector (``mneme_mlp``, ``hf_text``) gives one token.
+
+A :class:`~mneme.app.models.base.ContinualModule`: Replay (any batch keys), EWC
+(through :meth:`batch_logits`), ContinualMetrics and the other strategies that need no
+single-input encoder work on it. Unseen classes are masked (as the classifier's shared
+head); the task label is not used. ``head: {name: moe, ...}`` puts the mixture-of-experts
+head (:mod:`mneme.app.nn.heads.moe`) on the fused vector.
+
+Example (YAML)::
+
+    model:
+      class_path: mneme.app.FusionClassifier
+      init_args:
+        fusion: cross_attention          # or: late
+        embed_dim: 64
+        num_heads: 4
+        encoders:
+          audio: {model: mneme_cnn, args: {widths: [16, 32]}, n_mels: 32, hop_length: 128}
+          image: {model: mneme_cnn, args: {widths: [16, 32]}}
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from mneme.app.core.errors import ConfigError
+from mneme.app.core.metrics import ExperienceAccuracy
+from mneme.app.core.schedule import current_experience, is_experience_end, is_experience_start
+from mneme.app.models.base import Batch, ContinualModule
+from mneme.app.nn.attacks import soft_cross_entropy
+from mneme.app.nn.heads.moe import (
+    MoEHead,
+    add_balance_term,
+    build_moe_head,
+    is_moe,
+    moe_param_groups,
+)
+from mneme.app.nn.modalities import LogMelAudio, OpenClipText, build_encoder
+from torch import Tensor, nn
+
+FUSIONS = ("cross_attention", "late")
+SOFT_LABEL = "soft_label"  # as mneme.app.models.classifier: MixUp's soft targets
+DEFAULT_ENCODERS = {
+    "audio": {"model": "mneme_cnn", "args": {"widths": [16, 32]}, "n_mels": 32, "hop_length": 128},
+    "image": {"model": "mneme_cnn", "args": {"widths": [16, 32]}},
+}
+
+
+# -- tokens -----------------------------------------------------------------------------------
+def _feature_map(model: nn.Module, x: Tensor) -> Tensor:
+    """A timm model's ``forward_features``; for Mneme's small CNN (no ``forward_features``)
+    the layers of its ``features`` before the global pooling; else the model's output."""
+    if hasattr(model, "forward_features"):
+        out = model.forward_features(x)
+        if getattr(model, "output_fmt", "NCHW") == "NHWC" and out.ndim == 4:  # timm's swin
+            out = out.permute(0, 3, 1, 2)
+        return out
+    layers = getattr(model, "features", None)
+    if isinstance(layers, nn.Sequential) and any(
+        isinstance(m, nn.AdaptiveAvgPool2d) for m in layers
+    ):
+        for layer in layers:
+            if isinstance(layer, nn.AdaptiveAvgPool2d):
+                return x
+            x = layer(x)
+    return model(x)
+
+
+def _as_tokens(out: Tensor, over_time: bool) -> Tensor:
+    """``(N, T, D)`` tokens from a feature map ``(N, C, H, W)`` (one per position, or with
+    ``over_time`` one per column: frequency averaged), tokens, or a vector (one token)."""
+    if out.ndim == 4:
+        return out.mean(dim=2).transpose(1, 2) if over_time else out.flatten(2).transpose(1, 2)
+    if out.ndim == 3:
+        return out
+    return out.reshape(len(out), 1, -1)
+
+
+def encoder_tokens(encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Tokens ``(N, T, D)`` of one modality's encoder (a type of
+    :data:`mneme.app.nn.modalities.ENCODER_TYPES`) and its padding mask ``(N, T)`` (``True`` =
+    padding) or ``None``."""
+    if isinstance(encoder, LogMelAudio):
+        spectrogram = encoder.frontend(x)
+        # a strategy's spectrogram masks (mneme.callbacks.SpecAugment), as its forward applies
+        spectrogram = getattr(encoder, "feature_transform", nn.Identity())(spectrogram)
+        return _as_tokens(_feature_map(encoder.backbone, spectrogram), True), None
+    if isinstance(encoder, OpenClipText):
+        ids = x.long()
+        if ids.shape[1] < encoder.context_length:
+            ids = F.pad(ids, (0, encoder.context_length - ids.shape[1]))
+        tower, before = encoder.tower, encoder.tower.output_tokens
+        tower.output_tokens = True  # open_clip's switch for the per-position outputs
+        try:
+            _, tokens = tower(ids)
+        finally:
+            tower.output_tokens = before
+        tokens = tokens[:, : ids.shape[1]]
+        padding = ids == 0
+        padding[:, 0] = False  # the start token is never padding: no query sees no key
+        return tokens, padding
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is not None and hasattr(encoder, "adaptation"):  # timm (TimmImage)
+        return _as_tokens(_feature_map(backbone, x.float()), False), None
+    return _as_tokens(encoder(x), False), None
+
+
+def _masked_mean(tokens: Tensor, padding: Tensor | None) -> Tensor:
+    if padding is None:
+        return tokens.mean(dim=1)
+    keep = (~padding).unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention: ``q + MHA(LN(q), LN(kv))``, then ``q + MLP(LN(q))``."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, mlp_ratio: int = 2):
+        super().__init__()
+        self.norm_q, self.norm_kv, self.norm_mlp = (
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+        )
+        self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, mlp_ratio * dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_ratio * dim, dim),
+        )
+
+    def forward(self, q: Tensor, kv: Tensor, kv_padding: Tensor | None = None) -> Tensor:
+        kv = self.norm_kv(kv)
+        attended, _ = self.attention(
+            self.norm_q(q), kv, kv, key_padding_mask=kv_padding, need_weights=False
+        )
+        q = q + attended
+        return q + self.mlp(self.norm_mlp(q))
+
+
+# -- the module -------------------------------------------------------------------------------
+class FusionClassifier(ContinualModule):
+    """Joint classifier over paired modalities (see the module docstring).
+
+    Args:
+        encoders: ``{modality: spec}`` (the modality is the batch key); at least two.
+        fusion: ``cross_attention`` or ``late``.
+        embed_dim: width of the tokens (cross-attention) or of each modality's vector (late).
+        num_heads: attention heads (a divisor of ``embed_dim``).
+        depth: cross-attention blocks per query modality.
+        queries: the modalities whose tokens attend to the others' (default: all).
+        dropout: dropout in attention and MLPs.
+        head: ``{name: linear}`` (default) or ``{name: moe, ...}`` (:mod:`mneme.app.nn.heads.moe`).
+        optimizer: optimizer class and arguments.
+        reset_optimizer: clear the optimizer state at each experience start.
+        mask_unseen_classes: restrict predictions to the classes seen so far.
+        input_key: the modality strategies that read one input take (default: the first).
+        num_classes, input_shapes: read from the datamodule when not given.
+    """
+
+    def __init__(
+        self,
+        encoders: dict[str, dict[str, Any]] | None = None,
+        fusion: str = "cross_attention",
+        embed_dim: int = 64,
+        num_heads: int = 4,
+        depth: int = 1,
+        queries: Sequence[str] | None = None,
+        dropout: float = 0.0,
+        head: dict[str, Any] | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        reset_optimizer: bool = False,
+        mask_unseen_classes: bool = True,
+        input_key: str | None = None,
+        num_classes: int | None = None,
+        input_shapes: dict[str, Sequence[int]] | None = None,
+    ) -> None:
+        super().__init__(optimizer, reset_optimizer)
+        encoders = {m: dict(spec or {}) for m, spec in (encoders or DEFAULT_ENCODERS).items()}
+        if fusion not in FUSIONS:
+            close = difflib.get_close_matches(str(fusion), FUSIONS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"model.fusion: one of {', '.join(FUSIONS)}, got {fusion!r}{hint}")
+        if len(encoders) < 2:
+            raise ConfigError(
+                f"model.encoders: fusion needs two or more modalities, got {sorted(encoders)}; "
+                "for one, use mneme.app.ContinualClassifier"
+            )
+        queries = list(queries or encoders)
+        if not queries or not set(queries) <= set(encoders):
+            raise ConfigError(
+                f"model.queries: modalities of model.encoders {sorted(encoders)}, got {queries}"
+            )
+        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+            raise ConfigError(
+                f"model.num_heads: must divide model.embed_dim ({embed_dim}), got {num_heads}"
+            )
+        if depth < 1:
+            raise ConfigError(f"model.depth: at least 1 cross-attention block, got {depth}")
+        head_name = dict(head or {}).get("name", "linear")
+        if head_name != "linear" and not is_moe(head):
+            raise ConfigError(f"model.head.name: linear or moe for a fusion, got {head_name!r}")
+        if input_key is not None and input_key not in encoders:
+            raise ConfigError(f"model.input_key: one of {sorted(encoders)}, got {input_key!r}")
+        self.save_hyperparameters(ignore=["optimizer"], logger=False)
+        self.hparams.update(encoders=encoders, queries=queries)
+        self.modalities = list(encoders)
+        self.queries = queries
+        self.input_key = input_key or self.modalities[0]
+        self.encoders: nn.ModuleDict | None = None
+        if num_classes is not None and input_shapes is not None:
+            self._build(input_shapes, num_classes)
+
+    # -- building -------------------------------------------------------------------------
+    def _build(self, input_shapes: dict[str, Sequence[int]], num_classes: int) -> None:
+        hp = self.hparams
+        shapes = {m: list(input_shapes[m]) for m in self.modalities}
+        self.hparams.update(input_shapes=shapes, num_classes=num_classes)
+        self.num_classes = num_classes
+        dim = hp.embed_dim
+        # the registry's encoder classes (their projection to a shared space is not used)
+        self.encoders = nn.ModuleDict(
+            {m: build_encoder(m, hp.encoders[m], dim, shapes[m]).backbone for m in self.modalities}
+        )
+        if hp.fusion == "late":
+            self.project = nn.ModuleDict(
+                {m: nn.Linear(self.encoders[m].out_dim, dim) for m in self.modalities}
+            )
+            width = dim * len(self.modalities)
+        else:
+            probes = self._probe_tokens(shapes)
+            self.project = nn.ModuleDict({m: nn.Linear(d, dim) for m, (_, d) in probes.items()})
+            self.positions = nn.ParameterDict(
+                {m: nn.Parameter(0.02 * torch.randn(1, t, dim)) for m, (t, _) in probes.items()}
+            )
+            self.modality_embedding = nn.ParameterDict(
+                {m: nn.Parameter(0.02 * torch.randn(1, 1, dim)) for m in self.modalities}
+            )
+            self.blocks = nn.ModuleDict(
+                {
+                    q: nn.ModuleList(
+                        CrossAttentionBlock(dim, hp.num_heads, hp.dropout) for _ in range(hp.depth)
+                    )
+                    for q in self.queries
+                }
+            )
+            width = dim * len(self.queries)
+        self.norm = nn.LayerNorm(width)
+        self.head = (
+            build_moe_head(hp.head, width, num_classes)
+            if is_moe(hp.head)
+            else nn.Linear(width, num_classes)
+        )
+        self.register_buffer("class_mask", torch.zeros(num_classes, dtype=torch.bool))
+
+    @torch.no_grad()
+    def _probe_tokens(self, shapes: dict[str, list[int]]) -> dict[str, tuple[int, int]]:
+        """Tokens and width per modality, from one pass over zeros (eval mode)."""
+        found = {}
+        for m, encoder in self.encoders.items():
+            was_training = encoder.training
+            tokens, _ = encoder_tokens(encoder.eval(), torch.zeros(2, *shapes[m]))
+            encoder.train(was_training)
+            found[m] = (tokens.shape[1], tokens.shape[2])
+        return found
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        fields = datamodule.train_experiences[0].fields()
+        for m in self.modalities:
+            if m not in fields:
+                raise ConfigError(
+                    f"model.encoders.{m}: the stream has no field '{m}' (its fields: "
+                    f"{fields}); fuse only modalities the stream provides, or use a stream "
+                    f"with '{m}'"
+                )
+        if self.encoders is None:
+            shapes = {m: datamodule.field_shape(m, f"model.encoders.{m}") for m in self.modalities}
+            self._build(shapes, datamodule.num_classes)
+        if datamodule.num_classes > self.num_classes:
+            raise ConfigError(
+                f"model.num_classes: the model has {self.num_classes}, the stream needs "
+                f"{datamodule.num_classes}; use a model (or checkpoint) made for this stream"
+            )
+        self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
+        if isinstance(self.head, MoEHead):
+            add_balance_term(self, self.head)
+
+    # -- forward --------------------------------------------------------------------------
+    def fuse(self, inputs: Batch) -> Tensor:
+        """The fused vector of a batch (a dict with one key per modality)."""
+        if self.hparams.fusion == "late":
+            parts = [self.project[m](self.encoders[m](inputs[m])) for m in self.modalities]
+            return self.norm(torch.cat(parts, dim=-1))
+        tokens, padding = {}, {}
+        for m in self.modalities:
+            t, pad = encoder_tokens(self.encoders[m], inputs[m])
+            tokens[m] = self.project[m](t) + self.positions[m] + self.modality_embedding[m]
+            padding[m] = pad
+        pooled = []
+        for q in self.queries:
+            others = [m for m in self.modalities if m != q]
+            kv = torch.cat([tokens[m] for m in others], dim=1)
+            kv_padding = None
+            if any(padding[m] is not None for m in others):
+                kv_padding = torch.cat(
+                    [
+                        padding[m]
+                        if padding[m] is not None
+                        else tokens[m].new_zeros(tokens[m].shape[:2], dtype=torch.bool)
+                        for m in others
+                    ],
+                    dim=1,
+                )
+            x = tokens[q]
+            for block in self.blocks[q]:
+                x = block(x, kv, kv_padding)
+            pooled.append(_masked_mean(x, padding[q]))
+        return self.norm(torch.cat(pooled, dim=-1))
+
+    def logits(self, fused: Tensor) -> Tensor:
+        """The head's logits, classes not seen yet masked."""
+        logits = self.head(fused)
+        if self.hparams.mask_unseen_classes and bool(self.class_mask.any()):
+            logits = logits.masked_fill(~self.class_mask, torch.finfo(logits.dtype).min)
+        return logits
+
+    def forward(self, inputs: Batch, task: Tensor | None = None) -> Tensor:
+        """Logits of a batch of paired inputs (``{modality: tensor}``)."""
+        return self.logits(self.fuse(inputs))
+
+    def batch_logits(self, batch: Batch) -> Tensor:
+        """Logits of a training batch: what EWC's Fisher differentiates."""
+        return self(batch)
+
+    def observe_experience(self, classes: Sequence[int], tasks: Sequence[int]) -> None:
+        self.class_mask[list(classes)] = True
+
+    # -- training -------------------------------------------------------------------------
+    def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        fused = self.fuse(batch)
+        logits = self.logits(fused)
+        if SOFT_LABEL in batch:
+            terms = {"ce": soft_cross_entropy(logits, batch[SOFT_LABEL])}
+        else:
+            terms = {"ce": F.cross_entropy(logits, batch["label"])}
+        outputs = {"logits": logits, "features": fused}
+        if isinstance(self.head, MoEHead):
+            outputs.update(self.head.step_outputs())
+        return terms, outputs
+
+    def optimizer_parameters(self):
+        if isinstance(self.head, MoEHead):  # a group per expert generation (resumable)
+            return moe_param_groups(self, self.head)
+        return super().optimizer_parameters()
+
+    def on_train_epoch_start(self) -> None:
+        if isinstance(self.head, MoEHead):
+            trainer = self.trainer
+            first = is_experience_start(trainer)
+            self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
+        super().on_train_epoch_start()
+
+    def on_train_epoch_end(self) -> None:
+        if isinstance(self.head, MoEHead) and is_experience_end(self.trainer):
+            self.head.log_routing(self.trainer.loggers, current_experience(self.trainer))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("hyper_parameters", {})
+        for key in ("fusion", "queries", "embed_dim"):
+            theirs, ours = saved.get(key), self.hparams.get(key)
+            if theirs is not None and theirs != ours:
+                raise ConfigError(
+                    f"model.{key}: the checkpoint's model has {theirs!r}, this one {ours!r}; "
+                    "use the config the checkpoint was trained with"
+                )
+        if isinstance(self.head, MoEHead):
+            self.head.restore(checkpoint.get("state_dict", {}), "head.")
+
+    # -- evaluation -----------------------------------------------------------------------
+    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
+        return self(batch).argmax(dim=1)
+
+    def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
+
+    test_step = validation_step

@@ -1,0 +1,1 @@
+"""app/nn/heads."""

@@ -1,0 +1,435 @@
+"""Magnitude pruning on a schedule, with the masks kept across experiences."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from mneme.app.core.errors import ConfigError
+from mneme.app.core.protocols import Prunable, require
+from mneme.callbacks.base import ExperienceCallback
+from torch import Tensor, nn
+from torch.nn.utils import prune
+
+SCHEDULES = ("one_shot", "cubic")
+METHODS = ("unstructured", "structured", "heads")
+SCOPES = ("global", "layer")
+LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "Linear": nn.Linear,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
+STATE_VERSION = 2  # 2: head masks
+
+
+def cubic_sparsity(target: float, step: int, steps: int, initial: float = 0.0) -> float:
+    """Zhu & Gupta (2017): ``s_t = s_f + (s_i - s_f) (1 - t/n)^3`` after step ``t`` of ``n``."""
+    return target + (initial - target) * (1 - step / steps) ** 3
+
+
+def layer_sparsity(module: nn.Module) -> float:
+    """Fraction of zeros of ``module.weight`` (the masked weight when pruned)."""
+    weight = module.weight
+    return float((weight == 0).sum()) / weight.numel()
+
+
+class Pruning(ExperienceCallback):
+    """Magnitude pruning of the module's Linear/Conv weights with ``torch.nn.utils.prune``.
+
+    Pruning steps run at the ends of experiences ``start_experience`` .. ``end_experience``
+    (after their training and validation, before their checkpoint): ``one_shot`` prunes to
+    ``amount`` at ``start_experience``; ``cubic`` raises the sparsity along Zhu & Gupta's
+    cubic schedule, ``amount * (1 - (1 - t/n)^3)`` after step ``t`` of the ``n`` experiences.
+    Each step prunes only among the surviving weights (torch's ``PruningContainer``), so the
+    masks only grow. Between steps and after them, later experiences train only the
+    surviving weights (the mask is applied in the forward pass, and the pruned weights are
+    zeroed in ``weight_orig`` too, so they stay exactly zero); with ``regrow`` the masks are
+    lifted at the start of each experience (the pruned weights train again from zero) and
+    the next step prunes afresh.
+
+    - ``unstructured``: individual weights by ``|w|``; ``scope: global`` ranks all pruned
+      layers' weights together (``prune.global_unstructured``: the asked sparsity over all of
+      them, layers differ), ``scope: layer`` prunes each layer to the sparsity.
+    - ``structured``: whole slices along ``dim`` (0: output neurons/channels; for a
+      Transformer's attention projections, output rows = heads' dimensions) by their L``n``
+      norm (``prune.ln_structured``), each layer to the sparsity.
+    - ``heads``: whole attention heads of every ``nn.MultiheadAttention`` (open_clip's and
+      torch's Transformers), each to the sparsity (a fraction of its heads): a head's query,
+      key and value rows of the packed ``in_proj_weight`` (and ``in_proj_bias``) are masked
+      together (``prune.custom_from_mask``), ranked by their joint L``n`` norm, so the head
+      attends uniformly over zero values and adds nothing to ``out_proj``. Logged as
+      ``prune/<attention>`` (fraction of heads) and ``prune/heads``.
+
+    A ``MultiheadAttention``'s ``out_proj`` is never pruned as a Linear: torch reads its
+    weight directly instead of calling it, so torch-prune's mask would not be applied (and
+    the layer would stop training); it is named once at fit start.
+
+    Checkpoints hold plain state_dicts (``weight``, not torch's ``weight_orig`` and
+    ``weight_mask``: rewritten in ``on_save_checkpoint``) and the masks in this callback's
+    state; a resumed run re-applies them (``prune.custom_from_mask``) in ``on_train_start``,
+    after the module's weights are restored, so masks and sparsity are identical. At the end
+    of ``fit`` ``prune.remove`` makes the pruning permanent: the module is plain again.
+
+    Sparsity per layer and overall is logged as ``prune/<layer>`` and ``prune/sparsity``
+    (step = experience). Under DDP the masks follow from the weights, which are the same on
+    every rank, so every rank computes the same masks without communication.
+
+    Args:
+        amount: target sparsity in ``[0, 1)``.
+        schedule: ``one_shot`` or ``cubic``.
+        method: ``unstructured``, ``structured`` or ``heads``.
+        scope: ``global`` or ``layer`` (``structured`` is per layer).
+        start_experience: first pruning step's experience.
+        end_experience: last step's experience (``cubic``); default the stream's last but one,
+            so the last experience fine-tunes the pruned model.
+        layer_types: layer classes pruned (names from ``Linear``, ``Conv1d/2d/3d``).
+        exclude: names (prefixes) of submodules not pruned; default ``[head]``.
+        dim, norm: ``structured``: the dimension of the slices and the norm ranking them.
+        regrow: lift the masks at each experience start.
+        remove_at_end: ``prune.remove`` at the end of ``fit``.
+
+    Example (YAML)::
+
+        trainer:
+          callbacks:
+            - class_path: mneme.callbacks.Pruning
+              init_args: {amount: 0.8, schedule: cubic, scope: global}
+            # half the attention heads of a Transformer (an aligner's text tower), one shot
+            # - class_path: mneme.callbacks.Pruning
+            #   init_args: {amount: 0.5, method: heads}
+    """
+
+    def __init__(
+        self,
+        amount: float = 0.5,
+        schedule: Literal["one_shot", "cubic"] = "one_shot",
+        method: Literal["unstructured", "structured", "heads"] = "unstructured",
+        scope: Literal["global", "layer"] = "global",
+        start_experience: int = 0,
+        end_experience: int | None = None,
+        layer_types: list[str] | None = None,
+        exclude: list[str] | None = None,
+        dim: int = 0,
+        norm: int = 2,
+        regrow: bool = False,
+        remove_at_end: bool = True,
+    ) -> None:
+        if not 0 <= amount < 1:
+            raise ConfigError(f"Pruning.amount: a sparsity in [0, 1), got {amount}")
+        for field, value, allowed in (
+            ("schedule", schedule, SCHEDULES),
+            ("method", method, METHODS),
+            ("scope", scope, SCOPES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"Pruning.{field}: one of {allowed}, got '{value}'")
+        if start_experience < 0:
+            raise ConfigError(f"Pruning.start_experience: must be >= 0, got {start_experience}")
+        if end_experience is not None and end_experience < start_experience:
+            raise ConfigError(
+                f"Pruning.end_experience: must be >= start_experience ({start_experience}), "
+                f"got {end_experience}"
+            )
+        layer_types = list(layer_types or ["Linear", "Conv1d", "Conv2d", "Conv3d"])
+        unknown = [t for t in layer_types if t not in LAYER_TYPES]
+        if unknown:
+            raise ConfigError(f"Pruning.layer_types: {unknown} unknown; from {list(LAYER_TYPES)}")
+        self.amount = amount
+        self.schedule = schedule
+        self.method = method
+        self.scope = scope
+        self.start_experience = start_experience
+        self.end_experience = end_experience
+        self.layer_types = layer_types
+        self.exclude = ["head"] if exclude is None else list(exclude)
+        self.dim = dim
+        self.norm = norm
+        self.regrow = regrow
+        self.remove_at_end = remove_at_end
+        self.masks: dict[str, Tensor] = {}  # layer name -> bool mask of its weight
+        self.head_masks: dict[str, Tensor] = {}  # attention name -> bool mask of its heads
+        self.steps_done: list[int] = []  # experiences whose step ran
+        self.sparsity = 0.0  # the sparsity the last step asked
+
+    # -- what is pruned -------------------------------------------------------------------
+    def layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
+        """The layers pruned, by name."""
+        kinds = tuple(LAYER_TYPES[t] for t in self.layer_types)
+        attention = _attention_out_projections(pl_module)
+        return {
+            name: m
+            for name, m in pl_module.named_modules()
+            if isinstance(m, kinds) and name and name not in attention and not self._excluded(name)
+        }
+
+    def _excluded(self, name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in self.exclude)
+
+    def attention_layers(self, pl_module: nn.Module) -> dict[str, nn.MultiheadAttention]:
+        """The attention modules whose heads ``heads`` prunes, by name."""
+        return {
+            name: m
+            for name, m in pl_module.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and name and not self._excluded(name)
+        }
+
+    def _check(self, layers: dict[str, nn.Module], attention: dict | None = None) -> None:
+        if self.method == "heads":
+            if not attention:
+                raise ConfigError(
+                    "Pruning.method: 'heads' prunes nn.MultiheadAttention heads; the module "
+                    f"has none outside {self.exclude}; use unstructured or structured"
+                )
+            for name, m in attention.items():
+                if m.in_proj_weight is None:
+                    raise ConfigError(
+                        f"Pruning.method: 'heads' needs packed q/k/v projections; {name} has "
+                        "separate ones (kdim/vdim differ from embed_dim); exclude it"
+                    )
+            return
+        if not layers:
+            raise ConfigError(
+                f"Pruning.layer_types: the module has no {self.layer_types} layer outside "
+                f"{self.exclude}; change layer_types or exclude"
+            )
+        if self.method == "structured":
+            for name, m in layers.items():
+                if not -m.weight.dim() <= self.dim < m.weight.dim():
+                    raise ConfigError(
+                        f"Pruning.dim: {name} ({type(m).__name__}) has a {m.weight.dim()}-D "
+                        f"weight, no dim {self.dim}; use a dim below {m.weight.dim()}"
+                    )
+
+    def target(self, experience: int, num_experiences: int) -> float | None:
+        """The sparsity the step at the end of ``experience`` asks; ``None``: no step."""
+        start = self.start_experience
+        end = start if self.schedule == "one_shot" else self.end_experience
+        if end is None:
+            end = max(start, num_experiences - 2)
+        if not start <= experience <= end:
+            return None
+        if self.schedule == "one_shot":
+            return self.amount
+        steps = end - start + 1
+        return cubic_sparsity(self.amount, experience - start + 1, steps)
+
+    # -- masks ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def prune_to(self, pl_module: nn.Module, sparsity: float) -> None:
+        """Prune the layers to ``sparsity`` (never un-pruning a weight)."""
+        if self.method == "heads":
+            self._prune_heads(pl_module, sparsity)
+            return
+        layers = self.layers(pl_module)
+        if self.method == "structured":
+            for m in layers.values():
+                slices = m.weight.shape[self.dim]
+                pruned = int(_mask(m).transpose(0, self.dim).flatten(1).eq(0).all(1).sum())
+                extra = round(sparsity * slices) - pruned
+                if extra > 0:
+                    prune.ln_structured(m, "weight", amount=extra, n=self.norm, dim=self.dim)
+        elif self.scope == "global":
+            total = sum(m.weight.numel() for m in layers.values())
+            pruned = sum(int((_mask(m) == 0).sum()) for m in layers.values())
+            extra = round(sparsity * total) - pruned
+            if extra > 0:
+                prune.global_unstructured(
+                    [(m, "weight") for m in layers.values()],
+                    pruning_method=prune.L1Unstructured,
+                    amount=extra,
+                )
+        else:
+            for m in layers.values():
+                extra = round(sparsity * m.weight.numel()) - int((_mask(m) == 0).sum())
+                if extra > 0:
+                    prune.l1_unstructured(m, "weight", amount=extra)
+        self._zero_pruned(layers)
+        self.masks = {
+            n: m.weight_mask.bool().cpu() for n, m in layers.items() if prune.is_pruned(m)
+        }
+
+    @torch.no_grad()
+    def _prune_heads(self, pl_module: nn.Module, sparsity: float) -> None:
+        # Hand-written: torch prune ranks slices of one tensor, and a head is three row
+        # blocks (q, k, v) of in_proj_weight plus its bias; the mask is built here and
+        # applied with prune.custom_from_mask, so removal and checkpoints work as for Linears.
+        for name, m in self.attention_layers(pl_module).items():
+            heads, dim = m.num_heads, m.head_dim
+            alive = self.head_masks.get(name, torch.ones(heads, dtype=torch.bool)).clone()
+            weight = m.in_proj_weight.detach().view(3, heads, dim, -1)
+            score = weight.abs().pow(self.norm).sum(dim=(0, 2, 3))  # L_n^n: same order
+            score = score.cpu().masked_fill(~alive, float("-inf"))
+            extra = round(sparsity * heads) - int((~alive).sum())
+            if extra > 0:
+                order = torch.argsort(score)  # pruned heads (-inf) first, then the weakest
+                alive[order[: int((~alive).sum()) + extra]] = False
+            self.head_masks[name] = alive
+            self._mask_heads(m, alive)
+
+    @staticmethod
+    @torch.no_grad()
+    def _mask_heads(m: nn.MultiheadAttention, alive: Tensor) -> None:
+        rows = alive.to(m.in_proj_weight.device).repeat_interleave(m.head_dim).repeat(3)
+        for param in ("in_proj_weight", "in_proj_bias"):
+            if getattr(m, param) is None:
+                continue
+            if prune.is_pruned(m) and hasattr(m, param + "_mask"):
+                prune.remove(m, param)  # the new mask replaces (and contains) the old one
+            shape = getattr(m, param).shape
+            mask = rows.view(-1, *([1] * (len(shape) - 1))).expand(shape).float()
+            prune.custom_from_mask(m, param, mask)
+            getattr(m, param + "_orig").mul_(mask)
+
+    @staticmethod
+    @torch.no_grad()
+    def _zero_pruned(layers: dict[str, nn.Module]) -> None:
+        # Pruned weights zero in `weight_orig` too: the plain state_dict written at a
+        # checkpoint (weight_orig * mask) then equals weight_orig, and a resume is exact.
+        for m in layers.values():
+            if prune.is_pruned(m):
+                m.weight_orig.mul_(m.weight_mask)
+
+    def apply_masks(self, pl_module: nn.Module) -> None:
+        """Re-apply the stored masks (after a restore) with ``prune.custom_from_mask``."""
+        layers = self.layers(pl_module)
+        missing = [n for n in self.masks if n not in layers]
+        if missing:
+            raise ConfigError(f"Pruning: the model lacks the pruned layers {missing[:5]}")
+        for name, mask in self.masks.items():
+            m = layers[name]
+            if not prune.is_pruned(m):
+                prune.custom_from_mask(m, "weight", mask.to(m.weight.device))
+        self._zero_pruned(layers)
+        attention = self.attention_layers(pl_module)
+        missing = [n for n in self.head_masks if n not in attention]
+        if missing:
+            raise ConfigError(f"Pruning: the model lacks the pruned attention {missing[:5]}")
+        for name, alive in self.head_masks.items():
+            if not prune.is_pruned(attention[name]):
+                self._mask_heads(attention[name], alive)
+
+    def remove(self, pl_module: nn.Module) -> None:
+        """``prune.remove`` on every pruned layer: plain ``weight`` Parameters, zeros kept."""
+        for m in self.layers(pl_module).values():
+            if prune.is_pruned(m):
+                prune.remove(m, "weight")
+        for m in self.attention_layers(pl_module).values():
+            for param in ("in_proj_weight", "in_proj_bias"):
+                if hasattr(m, param + "_mask"):
+                    prune.remove(m, param)
+
+    def report(self, pl_module: nn.Module) -> dict[str, float]:
+        """Sparsity per layer (``prune/<layer>``) and over all pruned layers (``heads``: the
+        fraction of each attention's heads, and over all of them)."""
+        if self.method == "heads":
+            out = {f"prune/{n}": 1 - float(a.float().mean()) for n, a in self.head_masks.items()}
+            total = sum(len(a) for a in self.head_masks.values())
+            dead = sum(int((~a).sum()) for a in self.head_masks.values())
+            out["prune/heads"] = dead / max(total, 1)
+            return out
+        layers = self.layers(pl_module)
+        out = {f"prune/{n}": layer_sparsity(m) for n, m in layers.items()}
+        zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+        out["prune/sparsity"] = zeros / max(sum(m.weight.numel() for m in layers.values()), 1)
+        return out
+
+    # -- hooks ----------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        require(pl_module, Prunable, "Pruning")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The module has built its layers in its own `setup`, which runs after this one's.
+        self._check(self.layers(pl_module), self.attention_layers(pl_module))
+        skipped = [
+            n
+            for n in _attention_out_projections(pl_module)
+            if not self._excluded(n) and self.method != "heads"
+        ]
+        if skipped:
+            rank_zero_info(
+                f"Pruning: not pruned, MultiheadAttention out_proj (torch reads its weight "
+                f"without calling it): {', '.join(skipped[:4])}{' ...' if len(skipped) > 4 else ''}"
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.masks:  # restored from a checkpoint: the weights are loaded now
+            self.apply_masks(pl_module)
+
+    def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        if self.regrow and (self.masks or self.head_masks):
+            self.remove(pl_module)
+            self.masks, self.head_masks = {}, {}
+
+    def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
+        if experience in self.steps_done:
+            return
+        sparsity = self.target(experience, trainer.datamodule.num_experiences)
+        if sparsity is None:
+            return
+        self.prune_to(pl_module, sparsity)
+        self.sparsity = sparsity
+        self.steps_done.append(experience)
+        for logger in trainer.loggers:
+            logger.log_metrics(self.report(pl_module), step=experience)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # torch prune's `weight_orig` + `weight_mask` become the plain `weight` (equal to
+        # weight_orig, see _zero_pruned); the masks travel in this callback's state.
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        params = [(name, "weight") for name in self.masks]
+        params += [(n, p) for n in self.head_masks for p in ("in_proj_weight", "in_proj_bias")]
+        for name, param in params:
+            prefix = f"{name}.{param}"
+            if prefix + "_orig" in state:
+                orig = state.pop(prefix + "_orig")
+                mask = state.pop(prefix + "_mask")
+                state[prefix] = orig * mask
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.remove_at_end:
+            self.remove(pl_module)
+
+    # -- state ----------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, scope=self.scope)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "method": self.method,
+            "masks": {n: m.cpu() for n, m in self.masks.items()},
+            "head_masks": {n: m.cpu() for n, m in self.head_masks.items()},
+            "steps_done": list(self.steps_done),
+            "sparsity": self.sparsity,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["method"] != self.method:
+            raise ConfigError(
+                f"Pruning.method: the checkpoint is '{state_dict['method']}', not "
+                f"'{self.method}'; resume with the same method"
+            )
+        self.masks = dict(state_dict["masks"])
+        self.head_masks = dict(state_dict.get("head_masks", {}))  # version 1 had none
+        self.steps_done = list(state_dict["steps_done"])
+        self.sparsity = float(state_dict["sparsity"])
+
+
+def _attention_out_projections(module: nn.Module) -> set[str]:
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, m in module.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    }
+
+
+def _mask(module: nn.Module) -> Tensor:
+    return module.weight_mask if prune.is_pruned(module) else torch.ones_like(module.weight)
