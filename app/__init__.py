@@ -8,6 +8,7 @@ import importlib
 _EXPORTS = {
     "ContinualClassifier": "mneme.app.models.classifier",
     "ContrastiveAligner": "mneme.app.models.aligner",
+    "ContinualLM": "mneme.app.models.lm",
     "MetaLearner": "mneme.app.models.fewshot.maml",
     "FewShotEvaluator": "mneme.app.models.fewshot.evaluator",
     "FusionClassifier": "mneme.app.models.fusion",

@@ -50,11 +50,11 @@ def pair_tensors(n: int, image_size: int, context_length: int) -> dict[str, torc
 def synthetic_pairs(n: int = 256, image_size: int = 16, context_length: int = 16):
     """One-experience Avalanche stream of :func:`pair_tensors` (the Lightning runner's data)."""
     from mneme.datamodules.streams.captions import PairedTensors
-    from mneme.datamodules.streams.digits import _split_benchmark
+    from mneme.datamodules.streams.digits import split_benchmark
 
     t = pair_tensors(n, image_size, context_length)
     data = PairedTensors([t["image"], t["text"]], t["label"])
-    return _split_benchmark(data, data, 1, False, 0, None, False)
+    return split_benchmark(data, data, 1, False, 0, None, False)
 
 
 class StepTimer:
@@ -87,10 +87,14 @@ def run_lightning(args, device: torch.device, compiled: bool = False) -> float:
 
     n = args.batch_size * (args.warmup + args.steps)
     image_size, context, embed_dim = model_shape(args.model)
+    from mneme.datamodules.streams.registry import stream
+
+    from benchmarks.align_throughput import synthetic_pairs  # as imported, not __main__'s
+
+    stream(synthetic_pairs)  # this repository's own stream, trusted by the code that runs it
     data = ContinualDataModule(
         "benchmarks.align_throughput.synthetic_pairs",
         {"n": n, "image_size": image_size, "context_length": context},
-        trusted_benchmarks=["benchmarks.align_throughput.synthetic_pairs"],  # this repo's own
         sample_keys=["image", "label", "text", "task"],
         batch_size=args.batch_size,
         data_on_device=True,

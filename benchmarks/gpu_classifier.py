@@ -46,7 +46,7 @@ def synthetic_stream(per_experience: int, image_size: int = 32, seed: int = 0):
     classes each) and a small test stream; memoized, so every runner gets this object."""
     key = (per_experience, image_size, seed)
     if key not in _STREAMS:
-        from mneme.datamodules.streams.digits import LabeledTensors, _split_benchmark
+        from mneme.datamodules.streams.digits import LabeledTensors, split_benchmark
 
         g = torch.Generator().manual_seed(seed)
 
@@ -58,7 +58,7 @@ def synthetic_stream(per_experience: int, image_size: int = 32, seed: int = 0):
             return LabeledTensors(images, labels)
 
         train, test = tensors(per_experience), tensors(50)
-        _STREAMS[key] = _split_benchmark(train, test, 2, False, seed, list(range(10)), False)
+        _STREAMS[key] = split_benchmark(train, test, 2, False, seed, list(range(10)), False)
     return _STREAMS[key]
 
 
@@ -117,11 +117,14 @@ def run_mneme(args, strategy: str, device: torch.device, compiled: bool) -> floa
             if trainer.current_epoch == 1:
                 clock.after_step()
 
-    name = "benchmarks.gpu_classifier.synthetic_stream"
+    from mneme.datamodules.streams.registry import stream
+
+    from benchmarks.gpu_classifier import synthetic_stream  # as imported, not __main__'s
+
+    stream(synthetic_stream)  # this repository's own stream, trusted by the code that runs it
     data = ContinualDataModule(
-        benchmark=name,
+        benchmark="benchmarks.gpu_classifier.synthetic_stream",
         benchmark_args={"per_experience": args.per_experience, "image_size": args.image_size},
-        trusted_benchmarks=[name],  # this repository's own
         batch_size=args.batch_size,
         data_on_device=device.type == "cuda",
         seed=0,

@@ -51,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import yaml
-    from mneme.app.tune.search import tune
+    from mneme.app.cli.tune_command import tune
     from optuna.trial import TrialState
 
     os.chdir(ROOT)  # the config reads ../shared/data relative to the checkout

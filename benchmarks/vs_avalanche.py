@@ -233,10 +233,14 @@ def run_mneme(
     torch.set_num_threads(threads)
     start = time.perf_counter()
     seed_everything(seed, verbose=False)
+    from mneme.datamodules.streams.registry import stream as register_stream
+
+    from benchmarks.plain import shared_scenario
+
+    register_stream(shared_scenario)  # this repository's own, trusted by the code running it
     datamodule = ContinualDataModule(
         benchmark="benchmarks.plain.shared_scenario",
         benchmark_args={"stream": stream, "path": path, "n_experiences": N_EXPERIENCES},
-        trusted_benchmarks=["benchmarks.plain.shared_scenario"],  # this repository's own
         epochs_per_experience=epochs,
         batch_size=BATCH_SIZE,
         eval_batch_size=EVAL_BATCH_SIZE,

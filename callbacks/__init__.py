@@ -14,6 +14,7 @@ import importlib
 _EXPORTS = {
     "AdversarialTraining": "mneme.callbacks.training.adversarial",
     "AutoCpuThreads": "mneme.callbacks.runtime.cpu_threads",
+    "ChangesTraining": "mneme.callbacks.base",
     "ContinualMetrics": "mneme.callbacks.reporting.continual_metrics",
     "DER": "mneme.callbacks.strategies.der",
     "EWC": "mneme.callbacks.strategies.ewc",
@@ -25,10 +26,13 @@ _EXPORTS = {
     "FewShotMetrics": "mneme.callbacks.reporting.fewshot_metrics",
     "FiniteLossGuard": "mneme.callbacks.runtime.finite_loss",
     "InputNoise": "mneme.callbacks.training.augmentation",
+    "LoRAMerging": "mneme.callbacks.strategies.lora_merging",
     "LwF": "mneme.callbacks.strategies.lwf",
     "MMDAdaptation": "mneme.callbacks.strategies.mmd",
     "MixUp": "mneme.callbacks.training.augmentation",
     "NonFiniteLossError": "mneme.callbacks.runtime.finite_loss",
+    "OLoRA": "mneme.callbacks.strategies.olora",
+    "PredictionWriter": "mneme.callbacks.reporting.predictions",
     "ProgressiveUnfreezing": "mneme.callbacks.training.unfreeze",
     "Pruning": "mneme.callbacks.compression.pruning",
     "Quantization": "mneme.callbacks.compression.quantization",
@@ -37,6 +41,7 @@ _EXPORTS = {
     "SpecAugment": "mneme.callbacks.training.augmentation",
     "StreamProgressBar": "mneme.callbacks.reporting.progress",
     "TeacherDistillation": "mneme.callbacks.strategies.teacher_distillation",
+    "TokenLwF": "mneme.callbacks.strategies.token_lwf",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,4 +1,5 @@
-"""Experience-level hooks on top of Lightning's epoch hooks."""
+"""Experience-level hooks on top of Lightning's epoch hooks, and the one declaration of
+whether a callback changes training."""
 
 from __future__ import annotations
 
@@ -8,7 +9,24 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from mneme.app.core.schedule import current_experience, is_experience_end, is_experience_start
 
 
-class ExperienceCallback(Callback):
+class ChangesTraining:
+    """Mixin of every callback that changes the trained model (a continual strategy,
+    augmentation, unfreezing, distillation, adversarial training, pruning, quantization):
+    ``affects_training`` is the one declaration that both the resume guard
+    (:mod:`mneme.app.models.run_definition`: a resume that drops or adds such a callback is
+    refused) and the logged run configuration (``ContinualMetrics``' ``Callbacks``) read.
+    A subclass that only observes (a dashboard) sets it to False."""
+
+    affects_training: ClassVar[bool] = True
+
+
+def affects_training(callback: object) -> bool:
+    """Whether ``callback`` declares that it changes training (see :class:`ChangesTraining`);
+    a callback that declares nothing (Lightning's checkpoints, progress bars) does not."""
+    return bool(getattr(callback, "affects_training", False))
+
+
+class ExperienceCallback(ChangesTraining, Callback):
     """Base for continual strategies: turns epoch hooks into experience hooks.
 
     ``on_experience_start`` runs at the first epoch of experience ``k`` (from
@@ -23,9 +41,8 @@ class ExperienceCallback(Callback):
                 print(f"finished experience {experience}")
     """
 
-    # Whether the callback changes training (a strategy): part of what defines a run, so a
-    # resume without it, or with it added, is refused. Dashboards set it to False.
-    affects_training: ClassVar[bool] = True
+    # A strategy by default (ChangesTraining): part of what defines a run, so a resume
+    # without it, or with it added, is refused. Dashboards set affects_training = False.
 
     def on_experience_start(self, trainer: Trainer, pl_module: LightningModule, experience: int):
         """Called before the first training epoch of ``experience``."""

@@ -22,8 +22,12 @@ _EXPORTS = {
     "SpokenDigits": "mneme.datamodules.streams.spoken_digits",
     "SpokenMNIST": "mneme.datamodules.streams.paired",
     "TensorBatches": "mneme.datamodules.data.tensor_batches",
+    "TextDomains": "mneme.datamodules.text.stream",
+    "TextStream": "mneme.datamodules.text.stream",
+    "check_block_size": "mneme.datamodules.text.tokenizer",
     "check_class_splits": "mneme.datamodules.fewshot.episodes",
     "current_experience": "mneme.app.core.schedule",
+    "instruction_examples": "mneme.datamodules.text.stream",
     "sample_episode": "mneme.datamodules.fewshot.episodes",
 }
 __all__ = list(_EXPORTS)

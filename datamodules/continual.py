@@ -14,6 +14,7 @@ from lightning.pytorch import LightningDataModule
 from mneme.app.core import schedule
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.seeding import preserved_rng, run_seed
+from mneme.datamodules.data.device_transfer import FlatBatchTransfer
 from mneme.datamodules.data.experiences import (
     DatasetExperience,
     ExperienceData,
@@ -23,6 +24,7 @@ from mneme.datamodules.data.experiences import (
     fixed_generator,
     stream_targets,
 )
+from mneme.datamodules.data.labels import class_limit
 from mneme.datamodules.data.tensor_batches import EpochSampler, TensorBatches, epoch_order
 from mneme.datamodules.streams.declared import AVALANCHE_FIELDS, DeclaredStream
 from mneme.datamodules.streams.registry import resolve_benchmark
@@ -48,7 +50,7 @@ def materialize(dataset, sample_keys: Sequence[str]) -> TensorExperience:
     return TensorExperience(tensors)
 
 
-class ContinualDataModule(LightningDataModule):
+class ContinualDataModule(FlatBatchTransfer, LightningDataModule):
     """Serves an Avalanche benchmark: the current training experience, every test experience.
 
     One ``fit`` trains the whole stream: experience ``k`` covers epochs
@@ -83,13 +85,15 @@ class ContinualDataModule(LightningDataModule):
             experience, and memory is pinned when training on CUDA).
         validate_each_epoch: validate after every epoch, not only at experience ends.
         seed: seed of the per-epoch shuffling; default the run's (``seed_everything``).
-        trusted_benchmarks: import paths of your own benchmark factories that ``benchmark``
-            may name besides Avalanche's and Mneme's (a config runs nothing else).
         max_classes: the largest label a stream may have, plus one (heads have one output
             per class index: a stray label of 10**9 would ask for a 24 GB head).
         allow_resume_changes: what a resume may change from the checkpoint's run
             (``benchmark``, ``benchmark_args``, ``class_order``, ``epochs_per_experience``,
-            ``sample_keys``, ``strategies``); anything else that differs is refused.
+            ``sample_keys``, ``strategies``, ``optimizer``: its class and settings, applied
+            to the restored optimizer); anything else that differs is refused.
+        predict_inputs: what ``mneme predict`` predicts instead of the test stream: a folder
+            of images or a CSV of their paths (``path[,label][,task]``), read as the stream
+            reads its images (:mod:`mneme.datamodules.data.predict_inputs`).
 
     Example (YAML)::
 
@@ -113,9 +117,9 @@ class ContinualDataModule(LightningDataModule):
         prefetch_factor: int = 2,
         validate_each_epoch: bool = False,
         seed: int | None = None,
-        trusted_benchmarks: Sequence[str] = (),
         max_classes: int = 100_000,
         allow_resume_changes: Sequence[str] = (),
+        predict_inputs: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -127,10 +131,12 @@ class ContinualDataModule(LightningDataModule):
         ):
             if value < 1:
                 raise ConfigError(f"data.{name}: must be at least 1, got {value}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be at least 0, got {num_workers}")
         self.save_hyperparameters(logger=False)
         self.benchmark = benchmark
         self.benchmark_args = dict(benchmark_args or {})
-        self.factory = resolve_benchmark(benchmark, self.benchmark_args, trusted_benchmarks)
+        self.factory = resolve_benchmark(benchmark, self.benchmark_args)
         self.epochs_per_experience = epochs_per_experience
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -146,6 +152,11 @@ class ContinualDataModule(LightningDataModule):
         self.seed = seed
         self.max_classes = max_classes
         self.allow_resume_changes = list(allow_resume_changes)
+        if predict_inputs is not None:
+            from mneme.datamodules.data.predict_inputs import check_inputs
+
+            check_inputs(predict_inputs)
+        self.predict_inputs = predict_inputs
         self._scenario = None
         self._train: list[ExperienceData] = []
         self._test: list[ExperienceData] = []
@@ -156,14 +167,15 @@ class ContinualDataModule(LightningDataModule):
         """The Avalanche scenario, with ``train_stream`` and ``test_stream``."""
         if self._scenario is None:
             try:
-                with preserved_rng():  # Avalanche's generators reseed torch's global RNG
+                # Avalanche's generators reseed torch's global RNG; the stream checks its
+                # labels against max_classes before anything is sized by class
+                with preserved_rng(), class_limit(self.max_classes):
                     built = self.factory(**self.benchmark_args)
+            except ConfigError as err:  # Mneme's own checks of the stream
+                raise ConfigError(f"{err} (for {self.benchmark})") from err
             except (ValueError, TypeError, AssertionError, IndexError, KeyError) as err:
                 # Avalanche's own checks (e.g. classes not divisible into experiences)
-                message = (
-                    str(err) if str(err).startswith("data.") else f"data.benchmark_args: {err!s}"
-                )
-                raise ConfigError(f"{message} (for {self.benchmark})") from err
+                raise ConfigError(f"data.benchmark_args: {err} (for {self.benchmark})") from err
             self._declared = self._declaration(built)
             scenario = self._declared.scenario
             with preserved_rng():
@@ -188,6 +200,13 @@ class ContinualDataModule(LightningDataModule):
                 f"{self.benchmark} declares, {list(built.fields)}; leave sample_keys unset"
             )
         return built
+
+    @property
+    def declaration(self) -> DeclaredStream:
+        """What the stream declares of itself (a text stream: its tokenizer, block size, ...;
+        see :mod:`mneme.datamodules.text.stream`)."""
+        self.scenario  # noqa: B018
+        return self._declared
 
     @property
     def sample_keys(self) -> list[str]:
@@ -330,7 +349,13 @@ class ContinualDataModule(LightningDataModule):
         return self._eval_dataloaders()
 
     def predict_dataloader(self) -> list:
-        return self._eval_dataloaders()
+        if self.predict_inputs is None:
+            return self._eval_dataloaders()
+        from mneme.datamodules.data.predict_inputs import predict_input_loader
+
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return [predict_input_loader(self, self.predict_inputs, rank, world_size)]
 
     def _loader(self, experience: ExperienceData, batch_size: int, shuffle: bool, epoch: int):
         """Batches of one experience for this rank: training shards are padded to equal

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from mneme.callbacks import InputNoise, MixUp, Replay
-from mneme.callbacks.strategies.replay import CURRENT_ROWS
+from mneme.callbacks.run_context import CURRENT_ROWS
 from mneme.datamodules import ConfigError
 
 from tests.test_strategies import tiny_data, tiny_model
@@ -76,9 +76,16 @@ def test_soft_labels_train_the_classifier_with_masked_classes():
     model = tiny_model()
     model.observe_experience([0, 1], [0])  # class 2 unseen: masked
     b = mixup(mixup_alpha=0.4, label_smoothing=0.2).augment(batch(8), 0)
-    terms, _ = model.training_terms(b)
-    assert torch.isfinite(terms["ce"]) and terms["ce"] > 0
+    terms, outputs = model.training_terms(b)
+    # by hand: the smoothed targets' mass on the masked class 2 dropped, the rest renormalized
+    logits = outputs["logits"].detach()
+    assert (logits[:, 2] == torch.finfo(logits.dtype).min).all()
+    target = b["soft_label"][:, :2] / b["soft_label"][:, :2].sum(dim=1, keepdim=True)
+    expected = -(target * torch.log_softmax(logits[:, :2], dim=1)).sum(dim=1).mean()
+    assert terms["ce"].item() == pytest.approx(expected.item(), rel=1e-5)
     terms["ce"].backward()
+    grad = model.head.weight.grad
+    assert grad[:2].abs().sum() > 0 and grad[2].abs().sum() == 0  # nothing pushes class 2
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ def RegisteredDigits(n_experiences: int = 5):  # noqa: N802 - a user's stream, r
 
 
 def trusted_digits(n_experiences: int = 5):
-    """A user's factory that is not registered: runs only when the config trusts it."""
+    """A user's factory that is not registered: runs only when the environment trusts it."""
     return SplitDigits(n_experiences)
 
 
@@ -57,7 +57,7 @@ def trusted_digits(n_experiences: int = 5):
     ],
 )
 def test_a_callable_that_is_not_a_benchmark_is_refused(class_path, arguments):
-    with pytest.raises(ConfigError, match="data.benchmark: .*data.trusted_benchmarks") as err:
+    with pytest.raises(ConfigError, match="data.benchmark: .*MNEME_TRUSTED_BENCHMARKS") as err:
         resolve_benchmark(class_path, arguments)
     assert class_path in str(err.value) and "\n" not in str(err.value)
 
@@ -71,8 +71,9 @@ def test_a_module_outside_the_benchmark_trees_is_not_even_imported(tmp_path, mon
     with pytest.raises(ConfigError, match="not imported"):
         resolve_benchmark("evil_bench.factory", {})
     assert not marker.exists() and "evil_bench" not in sys.modules
-    # listed in data.trusted_benchmarks, the same factory resolves
-    factory = resolve_benchmark("evil_bench.factory", {"a": 1}, trusted=["evil_bench.factory"])
+    # trusted from outside the config (the environment), the same factory resolves
+    monkeypatch.setenv("MNEME_TRUSTED_BENCHMARKS", "other.factory, evil_bench.factory")
+    factory = resolve_benchmark("evil_bench.factory", {"a": 1})
     assert marker.exists() and factory(a=1) == {"a": 1}
     monkeypatch.delitem(sys.modules, "evil_bench")
 
@@ -128,14 +129,40 @@ def test_every_mneme_stream_is_registered():
     assert expected | {"SpokenDigits", "CSVCaptions"} <= streams
 
 
-def test_a_trusted_factory_builds_a_stream():
+def test_a_trusted_factory_builds_a_stream(monkeypatch):
     path = "tests.test_bad_data.trusted_digits"
-    with pytest.raises(ConfigError, match="data.trusted_benchmarks"):
+    with pytest.raises(ConfigError, match="MNEME_TRUSTED_BENCHMARKS"):
         ContinualDataModule(path, {"n_experiences": 5})
-    dm = ContinualDataModule(path, {"n_experiences": 5}, trusted_benchmarks=[path])
+    monkeypatch.setenv("MNEME_TRUSTED_BENCHMARKS", f"{path},math.pi")
+    dm = ContinualDataModule(path, {"n_experiences": 5})
     assert dm.num_experiences == 5 and dm.num_classes == 10
-    with pytest.raises(ConfigError, match="data.trusted_benchmarks: .*not callable"):
-        resolve_benchmark("math.pi", {}, trusted=["math.pi"])
+    with pytest.raises(ConfigError, match="data.benchmark: 'math.pi' .*not callable"):
+        resolve_benchmark("math.pi", {})
+
+
+def test_trust_is_not_a_datamodule_argument_a_config_could_set():
+    """Trust comes from the environment, entry points or @stream, never from a config."""
+    import inspect
+
+    from mneme.datamodules import EpisodicDataModule
+
+    for datamodule in (ContinualDataModule, EpisodicDataModule):
+        assert "trusted_benchmarks" not in inspect.signature(datamodule).parameters
+
+
+def test_an_entry_point_of_the_streams_group_is_trusted(monkeypatch):
+    """An installed package's ``mneme.streams`` entry point is trusted (read, not loaded
+    until a config names it)."""
+    from importlib.metadata import EntryPoint
+
+    from mneme.datamodules.streams import registry
+
+    point = EntryPoint("digits", "tests.test_bad_data:trusted_digits", "mneme.streams")
+    monkeypatch.setattr(
+        "importlib.metadata.entry_points",
+        lambda group=None: [point] if group == registry.ENTRY_POINT_GROUP else [],
+    )
+    assert registry.resolve_benchmark("tests.test_bad_data.trusted_digits", {}) is trusted_digits
 
 
 def test_the_default_stream_still_resolves():
@@ -147,6 +174,8 @@ def test_the_default_stream_still_resolves():
 EARLIER_RUN = "logs/quickstart/version_0"
 TRUSTED_MODULE = """
 from mneme.app.core.errors import ConfigError
+
+open("x", "w").close()  # importing it leaves a mark in the working folder
 
 
 def factory(**kwargs):
@@ -164,9 +193,9 @@ CLI_CASES: dict[str, tuple[list[str], list[str]]] = {
         quickstart(
             "--data.benchmark", "os.system", "--data.benchmark_args", "{command: 'touch x'}"
         ),
-        ["data.benchmark", "os.system", "data.trusted_benchmarks"],
+        ["data.benchmark", "os.system", "MNEME_TRUSTED_BENCHMARKS"],
     ),
-    "benchmark_trusted_explicitly": (
+    "benchmark_trusted_by_the_config_itself": (
         quickstart(
             "--data.benchmark",
             "my_streams.factory",
@@ -175,7 +204,7 @@ CLI_CASES: dict[str, tuple[list[str], list[str]]] = {
             "--data.benchmark_args",
             "{n_experiences: 2}",
         ),
-        ["the trusted factory ran with ['n_experiences']"],
+        ["data.trusted_benchmarks", "no longer read from a config", "@stream"],
     ),
     "csv_image_outside_root": (
         ["fit", "--config", ALIGN_CSV, "--data.benchmark_args.train_csv", "outside.tsv"],
@@ -603,3 +632,331 @@ def test_a_template_with_a_literal_brace_is_accepted():
     from mneme.datamodules.streams.captions import check_templates
 
     check_templates(["{{a set}} of {}", "{}"])
+
+
+# -- one image policy for every decoder path (issue 25) ---------------------------------------
+# The file streams' codec (torchvision or PIL) and the CSV caption stream decode through
+# mneme.datamodules.data.image_policy: the same size check, the same 8-bit result per mode.
+
+SIDE = 6
+
+
+def png16_rgb(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit RGB PNG (PIL cannot write one): IHDR depth 16, colour type 2."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    h, w, _ = array.shape
+    rows = b"".join(b"\0" + array[r].astype(">u2").tobytes() for r in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+    return path
+
+
+def composited(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """The policy's alpha rule: the colour times its opacity (on black)."""
+    return colour * (alpha[..., None] / 255.0)
+
+
+def mode_case(kind: str, folder: Path) -> tuple[Path, np.ndarray]:
+    """An image of ``kind`` and the ``(H, W, 3)`` values in [0, 255] the policy gives it."""
+    from PIL import Image
+
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    colour = rng.integers(0, 256, (SIDE, SIDE, 3)).astype(np.uint8)
+    alpha = rng.integers(0, 256, (SIDE, SIDE)).astype(np.uint8)
+    alpha[0, 0] = 0  # one fully transparent pixel: black whatever its colour
+    path = folder / f"{kind}.png"
+    if kind == "gray16":
+        deep = rng.integers(0, 65536, (SIDE, SIDE)).astype(np.uint16)
+        Image.fromarray(deep).save(path)
+        return path, np.repeat((deep * (255 / 65535))[..., None], 3, axis=2)
+    if kind == "rgb16":
+        deep = rng.integers(0, 65536, (SIDE, SIDE, 3)).astype(np.uint16)
+        return png16_rgb(path, deep), deep * (255 / 65535)
+    if kind == "rgba":
+        Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(path)
+        return path, composited(colour.astype(float), alpha)
+    if kind == "la":
+        gray = colour[..., 0]
+        Image.fromarray(np.dstack([gray, alpha]), "LA").save(path)
+        return path, composited(np.repeat(gray[..., None], 3, axis=2).astype(float), alpha)
+    if kind == "palette_transparent":
+        palette = Image.fromarray(colour).quantize(8)
+        palette.save(path, transparency=0)
+        rgb = np.asarray(palette.convert("RGB"), dtype=float)
+        return path, np.where((np.asarray(palette) == 0)[..., None], 0.0, rgb)
+    if kind == "bilevel":
+        bits = rng.integers(0, 2, (SIDE, SIDE)).astype(bool)
+        Image.fromarray(bits).save(path)
+        return path, np.repeat(bits[..., None] * 255.0, 3, axis=2)
+    if kind == "cmyk":
+        path = path.with_suffix(".jpg")
+        Image.fromarray(colour).convert("CMYK").save(path, quality=95)
+        return path, np.asarray(Image.open(path).convert("RGB"), dtype=float)
+    Image.fromarray(colour).save(path)  # plain 8-bit RGB: the torchvision fast path
+    return path, colour.astype(float)
+
+
+def decoded_by_every_path(path: Path, channels: int = 3) -> dict[str, torch.Tensor]:
+    """``(channels, H, W)`` in [0, 1] from each decoder path."""
+    from mneme.datamodules.data.file_experiences import ImageCodec
+
+    out = {
+        decoder: ImageCodec(SIDE, channels, decoder).load(str(path), False, None)
+        for decoder in ("torchvision", "pil")
+    }
+    out["csv_captions"] = load_images([path], SIDE, channels)[0]
+    return out
+
+
+MODES = ["gray16", "rgb16", "rgba", "la", "palette_transparent", "bilevel", "cmyk", "rgb8"]
+
+
+@pytest.mark.parametrize("kind", MODES)
+def test_every_decoder_reads_each_mode_by_the_stated_rule(tmp_path, kind):
+    path, expected = mode_case(kind, tmp_path)
+    images = decoded_by_every_path(path)
+    target = torch.from_numpy(expected).permute(2, 0, 1).float() / 255
+    for decoder, image in images.items():
+        assert image.dtype == torch.float32 and image.shape == (3, SIDE, SIDE), decoder
+        # 16-bit depths: PIL reads RGB;16 by its high byte, within one 8-bit level
+        assert torch.allclose(image, target, atol=1.01 / 255), (decoder, image.max())
+    levels = [(image * 255).round() for image in images.values()]
+    assert all(torch.equal(levels[0], other) for other in levels[1:])  # one policy
+
+
+def test_a_sixteen_bit_image_reads_as_gray_by_its_depth_on_every_decoder(tmp_path):
+    path, expected = mode_case("gray16", tmp_path)
+    for decoder, image in decoded_by_every_path(path, channels=1).items():
+        target = torch.from_numpy(expected[..., 0]).float().round() / 255
+        assert torch.allclose(image[0], target, atol=1e-6), decoder
+
+
+@pytest.mark.parametrize(
+    "width, height", [(100_000, 100_000), (15_000, 15_000), (10_000, 10_000)],
+    ids=["over_twice_the_limit", "15000_square", "over_the_limit"],
+)  # fmt: skip
+def test_a_decompression_bomb_is_refused_before_decoding_on_every_decoder(tmp_path, width, height):
+    from mneme.datamodules.data.file_experiences import ImageCodec
+
+    bomb = png_declaring(tmp_path / "bomb.png", width, height)  # a few bytes of pixels
+    readers = {
+        "torchvision": lambda: ImageCodec(8, 3, "torchvision").load(str(bomb), False, None),
+        "pil": lambda: ImageCodec(8, 3, "pil").load(str(bomb), False, None),
+        "csv_captions": lambda: load_images([bomb], 8, 3),
+    }
+    for name, read in readers.items():
+        with pytest.raises(ConfigError, match="bomb.png' is too large .*MAX_IMAGE_PIXELS") as err:
+            read()
+        assert "\n" not in str(err.value) and "shrink" in str(err.value), name
+
+
+@pytest.mark.parametrize("mode", ["F", "I"])
+@pytest.mark.parametrize("decoder", ["torchvision", "pil"])
+def test_file_streams_refuse_images_of_unknown_range(tmp_path, mode, decoder):
+    from mneme.datamodules.data.file_experiences import ImageCodec
+    from PIL import Image
+
+    path = tmp_path / "wide.tif"
+    Image.fromarray(np.full((8, 8), 3, np.float32 if mode == "F" else np.int32)).save(path)
+    with pytest.raises(ConfigError, match=f"'{path}' is {mode} mode .*8- or 16-bit"):
+        ImageCodec(8, 1, decoder).load(str(path), False, None)
+
+
+def image_manifest(folder: Path, rows: list[tuple[str, int]]) -> Path:
+    lines = ["path,label", *(f"{p},{label}" for p, label in rows)]
+    (folder / "images.csv").write_text("\n".join(lines) + "\n")
+    return folder / "images.csv"
+
+
+def test_a_bomb_in_an_image_manifest_is_refused_when_the_stream_reads_it(tmp_path):
+    """The headline case: a 15000x15000 PNG listed in a CSVImageStream manifest."""
+    from mneme.datamodules import CSVImageStream
+
+    for i in range(3):
+        png(tmp_path / f"img{i}.png")
+    png_declaring(tmp_path / "bomb.png", 15_000, 15_000)
+    rows = [("img0.png", 0), ("img1.png", 0), ("img2.png", 1), ("bomb.png", 1)]
+    scenario = CSVImageStream(
+        str(image_manifest(tmp_path, rows)), 1, test_size=0.5, image_size=8
+    ).scenario
+    with pytest.raises(ConfigError, match="train_csv: image '.*bomb.png' is too large"):
+        for experience in scenario.train_stream + scenario.test_stream:
+            list(experience.batches(4))
+
+
+def image_tree(root: Path) -> Path:
+    """``root/{a,b}/<i>.png`` and ``root/loose.png`` (inside root, in no class folder)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            png(root / name / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    png(root / "loose.png")
+    return root
+
+
+@pytest.mark.parametrize(
+    "link, target, expected",
+    [
+        ("a/link.png", "../../outside.png", "is outside root .*a symlink leads out"),
+        ("b/linked", "../../elsewhere", "is outside root .*a symlink leads out"),  # a folder
+        ("a/loop", "..", "links to its own ancestor"),  # two loops: an exponential walk
+        ("b/loop", "..", "links to its own ancestor"),
+        ("b/3.png", "../a/0.png", "is reached both as"),  # one image in two classes
+    ],
+    ids=["file_link_out", "folder_link_out", "folder_loop_a", "folder_loop_b", "file_twice"],
+)
+def test_an_image_folder_never_follows_a_symlink_out_of_its_root(tmp_path, link, target, expected):
+    from mneme.datamodules import ImageFolderStream
+
+    root = image_tree(tmp_path / "root")
+    png(tmp_path / "outside.png")
+    (tmp_path / "elsewhere").mkdir()
+    png(tmp_path / "elsewhere" / "secret.png")
+    (root / link).symlink_to(target)
+    if "loop" in link:  # a loop in each class folder
+        (root / ("b/loop" if link.startswith("a") else "a/loop")).symlink_to("..")
+    with pytest.raises(ConfigError, match=f"data.benchmark_args.root: .*{expected}") as err:
+        ImageFolderStream(str(root), 1, image_size=8)
+    assert "\n" not in str(err.value)
+    if "outside" in expected:  # the opt-out reads it, as the CSV streams' does
+        assert "allow_outside_root: true" in str(err.value)
+        ImageFolderStream(str(root), 1, image_size=8, allow_outside_root=True)
+
+
+def test_a_symlink_that_stays_inside_the_root_is_followed(tmp_path):
+    from mneme.datamodules import ImageFolderStream
+
+    root = image_tree(tmp_path / "root")
+    (root / "b" / "link.png").symlink_to("../loose.png")
+    scenario = ImageFolderStream(str(root), 1, image_size=8, test_size=0.25).scenario
+    paths = [p for e in scenario.train_stream + scenario.test_stream for p in e.dataset.paths]
+    assert str((root / "loose.png").resolve()) in paths and len(paths) == 7
+
+
+def test_an_image_manifest_row_never_follows_a_symlink_out_of_its_root(tmp_path):
+    from mneme.datamodules import CSVImageStream
+
+    root = image_tree(tmp_path / "root")
+    png(tmp_path / "outside.png")
+    (root / "link.png").symlink_to("../outside.png")
+    rows = [("a/0.png", 0), ("a/1.png", 0), ("b/0.png", 1), ("link.png", 1)]
+    with pytest.raises(ConfigError, match="images.csv' line 5: image 'link.png' is outside"):
+        CSVImageStream(str(image_manifest(root, rows)), 1, test_size=0.5, image_size=8)
+
+
+# -- labels past data.max_classes: refused before anything is sized by class ------------------
+
+
+def huge_label_npz(path: Path, label: int) -> Path:
+    labels = np.arange(8100) % 10
+    labels[[3, 8003]] = label  # in the train and the test rows
+    pixels = np.random.default_rng(0).integers(0, 256, (8100, 4, 4), dtype=np.uint8)
+    np.savez(path, images=pixels, labels=labels)  # int64 labels (mnist_file's are uint8)
+    return path
+
+
+@pytest.mark.parametrize("benchmark", ["SplitMNISTFile", "PermutedMNISTFile"])
+def test_a_huge_label_in_an_npz_is_refused_before_avalanche_sizes_by_class(tmp_path, benchmark):
+    path = huge_label_npz(tmp_path / "labels.npz", 10**9)
+    data = ContinualDataModule(
+        f"mneme.datamodules.{benchmark}", {"path": str(path), "n_experiences": 1}
+    )
+    match = "data.benchmark_args.path: '.*labels.npz': holds the label 1,000,000,000"
+    with pytest.raises(ConfigError, match=match) as err:
+        data.scenario  # noqa: B018 - a MemoryError inside nc_benchmark before the check
+    assert "data.max_classes: 100,000" in str(err.value)
+
+
+def test_a_huge_integer_label_in_an_image_manifest_is_refused(tmp_path):
+    from mneme.datamodules import CSVImageStream
+
+    root = image_tree(tmp_path / "root")
+    rows = [("a/0.png", 0), ("a/1.png", 0), ("b/0.png", 10**9), ("b/1.png", 10**9)]
+    with pytest.raises(ConfigError, match="label_key: column 'label' of .*the label 1,000,000,000"):
+        CSVImageStream(str(image_manifest(root, rows)), 1, test_size=0.5, image_size=8)
+
+
+def test_the_datamodule_limit_reaches_the_stream(tmp_path):
+    path = huge_label_npz(tmp_path / "labels.npz", 50)
+    args = {"path": str(path), "n_experiences": 1}
+    data = ContinualDataModule("mneme.datamodules.SplitMNISTFile", args, max_classes=20)
+    with pytest.raises(ConfigError, match="holds the label 50, .*data.max_classes: 20\\)"):
+        data.scenario  # noqa: B018
+    data = ContinualDataModule("mneme.datamodules.SplitMNISTFile", args, max_classes=51)
+    assert data.num_classes == 51
+
+
+@pytest.mark.parametrize("label", [10, 10**9])
+def test_a_spoken_digit_label_past_nine_is_refused(tmp_path, label):
+    from mneme.datamodules.streams.spoken_digits import load_spoken_digits
+
+    labels = np.arange(20) % 10
+    labels[4] = label
+    path = spoken_file(tmp_path / "spoken.npz", labels=labels)
+    with pytest.raises(ConfigError, match=f"spoken.npz' holds the label {label:,}; .*0..9"):
+        load_spoken_digits(path)
+
+
+# -- few-shot episodes over audio: the log-mel front end, as the aligner's audio tower --------
+
+
+def tone_clips(path: Path, clips: int = 120, samples: int = 400) -> Path:
+    """Spoken-digits-like clips: a tone per digit plus noise (seeded), two voices."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(clips) % 10
+    t = np.arange(samples) / 8000
+    audio = 8000 * np.sin(2 * np.pi * (300 + 250 * labels[:, None]) * t)
+    audio = (audio + rng.normal(0, 300, audio.shape)).astype(np.int16)
+    voices = np.array(["en_m1_170_50", "fr_m1_170_50"])
+    np.savez(path, audio=audio, labels=labels, voice=np.arange(clips) % 2, voice_names=voices)
+    return path
+
+
+@pytest.mark.parametrize("module", ["PrototypicalNetwork", "MetaLearner"])
+def test_few_shot_modules_take_audio_through_the_log_mel_front_end(tmp_path, module):
+    from lightning.pytorch import Trainer
+    from mneme.app import MetaLearner, PrototypicalNetwork
+    from mneme.app.nn.modalities import LogMelAudio
+    from mneme.datamodules import EpisodicDataModule
+
+    args = {"path": str(tone_clips(tmp_path / "spoken.npz")), "n_experiences": 1}
+    data = EpisodicDataModule(
+        "mneme.datamodules.SpokenDigits",
+        {**args, "context_length": 8},
+        sample_keys=["audio", "label", "image", "text", "task"],
+        meta_train_classes=[0, 1, 2, 3, 4],
+        meta_test_classes=[5, 6, 7, 8, 9],
+        n_way=2, k_shot=1, q_queries=2, train_episodes=4, eval_episodes=4, tasks_per_batch=2,
+    )  # fmt: skip
+    encoder = {"encoder": "mneme_cnn", "encoder_args": {"widths": [4]}, "input_key": "audio"}
+    model = (
+        PrototypicalNetwork(**encoder)
+        if module == "PrototypicalNetwork"
+        else MetaLearner(**encoder, inner_steps=1)
+    )
+    trainer = Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, data)
+    trainer.test(model, data, verbose=False)
+    assert isinstance(model.encoder, LogMelAudio)
+    accuracies = model.episode_accuracies[0].compute()
+    assert len(accuracies) == 4 and bool(((accuracies >= 0) & (accuracies <= 1)).all())
+
+
+def test_an_image_setting_on_an_audio_field_is_refused_naming_it():
+    from mneme.app import PrototypicalNetwork
+
+    with pytest.raises(ConfigError, match="model.encoder_pretrained: 'audio' samples go through"):
+        PrototypicalNetwork(
+            encoder="mneme_cnn", encoder_pretrained=True, input_key="audio", input_shape=[400]
+        )

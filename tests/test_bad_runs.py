@@ -129,7 +129,8 @@ def test_the_guard_blames_training_on_finite_data(tmp_path):
     with pytest.raises(NonFiniteLossError, match="on finite data") as raised:
         guarded_fit(tmp_path, lr=1e12)
     assert not isinstance(raised.value, NonFiniteDataError)
-    assert "No checkpoint was saved yet" in str(raised.value) or "Last good" in str(raised.value)
+    said = str(raised.value)  # a checkpoint named as good was followed by a finite step
+    assert any(t in said for t in ("No checkpoint was saved yet", "Last good", "No good"))
 
 
 def test_a_prefix_run_is_reported_incomplete(tmp_path):

@@ -12,8 +12,9 @@ from tests.conftest import digits_stream
 def test_single_head_masks_unseen_classes():
     model = ContinualClassifier(num_classes=6, num_tasks=1, input_shape=(1, 8, 8))
     model.observe_experience([1, 4], [0])
-    preds = model.predict_step({"image": torch.randn(32, 1, 8, 8), "task": torch.zeros(32)})
-    assert set(preds.tolist()) <= {1, 4}
+    rows = model.predict_step({"image": torch.randn(32, 1, 8, 8), "task": torch.zeros(32)})
+    assert {row["predicted"] for row in rows} <= {1, 4}
+    assert all(set(row["top_classes"]) <= {1, 4} for row in rows)  # masked classes left out
     model.observe_experience([2], [0])
     logits = model(torch.randn(4, 1, 8, 8))
     assert torch.isfinite(logits[:, [1, 2, 4]]).all()
@@ -31,8 +32,8 @@ def test_multi_head_selects_each_samples_task_head():
     model.observe_experience([2, 3], [1])
     x = torch.randn(6, 1, 8, 8)
     task = torch.tensor([0, 1, 0, 1, 1, 0])
-    preds = model.predict_step({"image": x, "task": task})
-    for p, t in zip(preds.tolist(), task.tolist(), strict=True):
+    preds = [row["predicted"] for row in model.predict_step({"image": x, "task": task})]
+    for p, t in zip(preds, task.tolist(), strict=True):
         assert p in ({0, 1} if t == 0 else {2, 3})
     # head t's logits are rows t*C:(t+1)*C of the shared Linear
     features = model.encoder(x)

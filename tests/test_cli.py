@@ -85,8 +85,8 @@ def test_test_subcommand_evaluates_a_checkpoint_on_the_whole_stream(quickstart_r
         str(log_dir / "checkpoints" / "last.ckpt"),
         cwd=cwd,
     )  # noqa: E501
-    test_dir = max((cwd / "logs" / "quickstart").iterdir(), key=lambda p: int(p.name.split("_")[1]))
-    assert test_dir != log_dir  # a new version: the fit's logs stay untouched
+    test_dir = log_dir / "eval" / "test-0"  # under the run it evaluates, not a new version
+    assert [p.name for p in (cwd / "logs" / "quickstart").iterdir()] == [log_dir.name]
     result = json.loads((test_dir / "test_metrics.json").read_text())
     final_row = json.loads((log_dir / "continual_metrics.json").read_text())["accuracy_matrix"][-1]
     assert result["accuracy"] == pytest.approx(final_row)

@@ -16,7 +16,12 @@ from lightning.pytorch.loggers import Logger
 from mneme.app import ContinualClassifier
 from mneme.app.core.schedule import current_experience
 from mneme.callbacks import ContinualMetrics, ExperienceCost
-from mneme.callbacks.reporting.cost import COST_FIELDS, format_cost, serialized_bytes
+from mneme.callbacks.reporting.cost import (
+    COST_FIELDS,
+    STATE_VERSION,
+    format_cost,
+    serialized_bytes,
+)
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 from tests.conftest import digits_stream, quiet_trainer
@@ -96,7 +101,7 @@ def test_rows_follow_freezing_and_reach_json_loggers_and_table(tmp_path, capsys)
         buffer = io.BytesIO()
         torch.save(model.state_dict(), buffer)
         weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        assert row["checkpoint_bytes"] == len(buffer.getvalue()) > weights
+        assert row["weights_bytes"] == len(buffer.getvalue()) > weights
     # the process's peak RSS since it started never decreases
     assert rows[1]["peak_memory_bytes"] >= rows[0]["peak_memory_bytes"]
 
@@ -109,36 +114,41 @@ def test_rows_follow_freezing_and_reach_json_loggers_and_table(tmp_path, capsys)
         assert logged[k]["cost/trainable_params"] == row["trainable_params"]
         assert logged[k]["cost/train_seconds"] == row["train_seconds"]
         assert logged[k]["cost/peak_memory_mb"] == pytest.approx(row["peak_memory_bytes"] / 2**20)
-        assert logged[k]["cost/checkpoint_mb"] == pytest.approx(row["checkpoint_bytes"] / 2**20)
+        assert logged[k]["cost/weights_mb"] == pytest.approx(row["weights_bytes"] / 2**20)
 
     out = capsys.readouterr().out
     assert out.index("Accuracy matrix") < out.index("Cost per experience")
     assert f"{total - encoder:>11} {total:>11}" in out  # experience 1's parameter columns
 
 
-def test_train_seconds_sum_the_experience_epochs_and_leave_out_validation(tmp_path):
-    """Each training batch takes at least 10 ms, each validation 0.5 s: an experience's
-    seconds cover the batches of both its epochs, and none of its validation."""
-    import time
+def test_train_seconds_sum_the_experience_epochs_and_leave_out_validation(tmp_path, monkeypatch):
+    """On a clock that only the test moves (each training batch 1 s, each validation
+    1000 s): an experience's seconds are exactly its batches of both epochs, and none of its
+    validation. No wall-clock figure, so a busy machine cannot fail it."""
+    import types
 
-    class Slow(Callback):
+    from mneme.callbacks.reporting import cost as cost_module
+
+    now = [0.0]
+    monkeypatch.setattr(cost_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    class Clock(Callback):
         def __init__(self) -> None:
             self.batches = [0, 0]
 
         def on_train_batch_start(self, trainer, *args) -> None:
             self.batches[current_experience(trainer)] += 1
-            time.sleep(0.01)
+            now[0] += 1.0
 
         def on_validation_epoch_start(self, trainer, pl_module) -> None:
-            if not trainer.sanity_checking:
-                time.sleep(0.5)
+            now[0] += 1000.0
 
-    slow, cost = Slow(), ExperienceCost(checkpoint_size=False)
-    fit(tmp_path, slow, cost, epochs=2)
-    for row, batches in zip(cost.rows, slow.batches, strict=True):
+    clock, cost = Clock(), ExperienceCost(checkpoint_size=False)
+    fit(tmp_path, clock, cost, epochs=2)
+    for row, batches in zip(cost.rows, clock.batches, strict=True):
         assert batches >= 2 * 2  # two epochs of at least two batches
-        assert batches * 0.01 <= row["train_seconds"] < batches * 0.01 + 0.45
-        assert row["checkpoint_bytes"] is None
+        assert row["train_seconds"] == pytest.approx(batches)
+        assert row["weights_bytes"] is None
 
 
 def test_a_resumed_run_keeps_the_rows_and_the_seconds_under_way(tmp_path):
@@ -164,7 +174,7 @@ def test_a_resumed_run_keeps_the_rows_and_the_seconds_under_way(tmp_path):
     # from inside experience 0: its first epoch's seconds come from the checkpoint
     inside = next(ckpts.glob("epoch=0-*.ckpt"))
     state = torch.load(inside, weights_only=True)["callbacks"]["ExperienceCost"]
-    assert state["version"] == 1 and state["rows"] == []
+    assert state["version"] == STATE_VERSION and state["rows"] == []
     assert state["pending"]["experience"] == 0 and state["pending"]["train_seconds"] > 0
     resumed = ExperienceCost()
     fit(tmp_path / "inside", resumed, ckpt_path=inside, epochs=2)
@@ -198,8 +208,40 @@ def test_the_cli_measures_cost_in_every_run():
 
 def test_a_cost_state_of_another_version_is_refused():
     cost = ExperienceCost()
-    with pytest.raises(ConfigError, match="version 2"):
-        cost.load_state_dict({"version": 2, "rows": [], "pending": None})
+    with pytest.raises(ConfigError, match="version 99"):
+        cost.load_state_dict({"version": 99, "rows": [], "pending": None})
+
+
+def test_a_version_1_cost_state_loads_with_its_weights_renamed():
+    row = {key: 1 for key in COST_FIELDS if key not in ("weights_bytes", "checkpoint_file_bytes")}
+    cost = ExperienceCost()
+    cost.load_state_dict({"version": 1, "rows": [{**row, "checkpoint_bytes": 7}], "pending": None})
+    assert cost.rows == [{**row, "weights_bytes": 7, "checkpoint_file_bytes": None}]
+
+
+@pytest.mark.parametrize("keep_experiences", [None, 0])
+def test_checkpoint_file_bytes_are_the_size_of_each_experience_checkpoint_on_disk(
+    tmp_path, capsys, keep_experiences
+):
+    """``experience=<k>.ckpt`` of each experience (``last.ckpt`` for the last one when the
+    experience files are not kept), as ``os.path.getsize`` reads it; larger than the
+    weights alone (the optimizer and callback states are in the file too)."""
+    import os
+
+    from mneme.callbacks import ExperienceCheckpoint
+
+    cost, saver = ExperienceCost(), ExperienceCheckpoint(tmp_path / "ckpts", keep_experiences)
+    fit(tmp_path, ContinualMetrics(), cost, saver, epochs=2, enable_checkpointing=True)
+    names = ["last.ckpt"] if keep_experiences == 0 else ["experience=0.ckpt", "experience=1.ckpt"]
+    sizes = [os.path.getsize(tmp_path / "ckpts" / name) for name in names]
+    recorded = [row["checkpoint_file_bytes"] for row in cost.rows]
+    assert recorded[-len(sizes) :] == sizes
+    if keep_experiences == 0:  # experience 0's state was overwritten before it was read
+        assert recorded[0] is None or recorded[0] > 0
+    assert all(row["checkpoint_file_bytes"] > row["weights_bytes"] for row in cost.rows[-1:])
+    written = json.loads((tmp_path / "continual_metrics.json").read_text())
+    assert [row["checkpoint_file_bytes"] for row in written["cost"]] == recorded
+    assert f"{sizes[-1] / 2**20:12.3f}" in capsys.readouterr().out
 
 
 def test_serialized_bytes_is_the_size_of_torch_save():
@@ -230,7 +272,7 @@ def test_under_ddp_time_and_memory_are_the_maximum_over_ranks():
     assert row["total_params"] == row["trainable_params"] == 8
 
 
-def test_checkpoint_bytes_count_what_the_module_keeps_in_its_checkpoint():
+def test_weights_bytes_count_what_the_module_keeps_in_its_checkpoint():
     """A module that leaves its frozen backbone out of its checkpoint (as a pretrained one
     rebuilt from its source on load) is measured without it."""
     from types import SimpleNamespace
@@ -253,6 +295,6 @@ def test_checkpoint_bytes_count_what_the_module_keeps_in_its_checkpoint():
     kept = module.state_dict()  # as a checkpoint holds it (with its version metadata)
     for key in ("backbone.weight", "backbone.bias"):
         del kept[key]
-    assert row["checkpoint_bytes"] == serialized_bytes(kept)
-    assert row["checkpoint_bytes"] < serialized_bytes(module.state_dict()) / 4
+    assert row["weights_bytes"] == serialized_bytes(kept)
+    assert row["weights_bytes"] < serialized_bytes(module.state_dict()) / 4
     assert row["trainable_params"] == 64 * 2 + 2 < row["total_params"]

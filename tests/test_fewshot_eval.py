@@ -169,7 +169,7 @@ def test_head_finetuning_of_batched_episodes_equals_one_episode_at_a_time(digits
     evaluator = FewShotEvaluator(checkpoint=path, methods=["finetune"], finetune_steps=5)
     batch = episodes(images, labels, META_TEST, 5, 2, 3, tasks=3, seed=0)
     with torch.no_grad():
-        from mneme.app.models.fewshot.protonet import encode_episodes
+        from mneme.datamodules.fewshot.meta_batches import encode_episodes
 
         support, query = encode_episodes(evaluator.features, batch, "image")
     together = evaluator.finetune(batch, support, query)

@@ -242,11 +242,8 @@ def test_experience_accuracy_update_compute_reset():
     assert m.compute()[1].item() == 1.0
 
 
-def test_experience_accuracy_attributes_and_bad_args():
+def test_experience_accuracy_refuses_bad_arguments():
     m = ExperienceAccuracy(2)
-    assert m.higher_is_better is True and m.is_differentiable is False
-    assert m.full_state_update is False
-    assert m.correct.dtype == torch.float32 and m.total.shape == (2,)
     with pytest.raises(ValueError, match="out of range"):
         m.update(torch.tensor([1]), torch.tensor([1]), experience=2)
     with pytest.raises(ValueError, match="differ"):

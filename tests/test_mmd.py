@@ -95,9 +95,9 @@ def test_loss_term_draws_the_next_experience_and_trains_the_encoder():
     outputs = {"features": model.features(batch["image"])}
     loss = mmd.mmd_loss(batch, outputs)
     # the same draw by hand: 6 of experience 1, from (seed 0, rank 0, step 3)
-    from mneme.callbacks.strategies.replay import _generator
+    from mneme.app.core.seeding import keyed_generator
 
-    index = torch.randperm(20, generator=_generator(0, 0, 3))[:6]
+    index = torch.randperm(20, generator=keyed_generator(0, 0, 3))[:6]
     target = model.features(stream[1].read(index)["image"])
     torch.testing.assert_close(loss, 2.0 * mmd2(outputs["features"], target))
     assert loss.item() > 0
@@ -233,9 +233,9 @@ def test_aligner_aligns_the_input_modalitys_embeddings():
     batch = stream[0].read(torch.arange(6))
     outputs = {"embeddings": module.embed(batch, ["audio"])}
     loss = mmd.mmd_loss(batch, outputs)
-    from mneme.callbacks.strategies.replay import _generator
+    from mneme.app.core.seeding import keyed_generator
 
-    index = torch.randperm(9, generator=_generator(0, 0, 3))[:4]
+    index = torch.randperm(9, generator=keyed_generator(0, 0, 3))[:4]
     target = module.embed(stream[1].read(index), ["audio"])["audio"]
     torch.testing.assert_close(loss, mmd2(outputs["embeddings"]["audio"], target))
     loss.backward()

@@ -5,7 +5,8 @@ import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 from mneme.app import ContinualClassifier
-from mneme.app.nn.heads.moe import MoEHead, balance_loss, build_moe_head
+from mneme.app.nn.heads.moe import MoEHead, balance_loss
+from mneme.app.nn.heads.registry import build_moe_head
 from mneme.callbacks import ExperienceCheckpoint
 from mneme.datamodules import ConfigError, ContinualDataModule
 

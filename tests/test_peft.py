@@ -287,3 +287,62 @@ def test_an_aligner_checkpoint_leaves_out_its_frozen_pretrained_tower(tmp_path):
     fresh.load_state_dict(checkpoint["state_dict"])  # strict: every tensor is back
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
+
+
+# -- merging for an export: peft's own merge_and_unload -----------------------------------------
+class _AttentionBlock(torch.nn.Module):
+    """Self-attention (``nn.MultiheadAttention``), then two linear layers: what LoRA over
+    attention and the other peft methods adapt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.attn(x, x, x, need_weights=False)
+        return self.out(torch.relu(self.fc(h))).mean(dim=1)
+
+
+MERGEABLE = {
+    "lora_over_attention": {"method": "lora", "r": 2, "target_modules": ["attn", "fc"]},
+    "loha": {"method": "loha", "r": 2, "target_modules": ["fc", "out"]},
+    "lokr": {"method": "lokr", "r": 2, "target_modules": ["fc", "out"]},
+    "ia3": {"method": "ia3", "target_modules": ["fc", "out"], "feedforward_modules": ["out"]},
+}
+
+
+@needs_peft
+@pytest.mark.parametrize("spec", MERGEABLE.values(), ids=MERGEABLE.keys())
+def test_every_peft_method_merges_into_the_weights_with_the_adapted_outputs(spec):
+    from mneme.app.compress.export import merge_adapters
+    from mneme.app.finetuning.adaptation import BackboneAdaptation
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    model = _AttentionBlock().eval()
+    x = torch.randn(4, 5, 8)
+    with torch.no_grad():
+        plain = model(x)
+    BackboneAdaptation(model, dict(spec))
+    with torch.no_grad():  # an adapter as training leaves it (peft starts most at identity)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape) * 0.2)
+        adapted = model(x)
+    assert not torch.allclose(adapted, plain, atol=1e-4)  # the adapter changes the outputs
+    assert merge_adapters(torch.nn.Sequential(model)) == 1
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert type(model.attn) is torch.nn.MultiheadAttention and type(model.fc) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.allclose(model(x), adapted, atol=1e-5)
+
+
+@needs_peft
+def test_per_task_adapters_are_not_merged_into_one_model():
+    from mneme.app.compress.export import merge_adapters
+
+    model = lite0(num_tasks=2, peft={**LORA, "adapters": "per_task"})
+    with pytest.raises(ConfigError, match=r"^model.peft.adapters: per_task adapters need"):
+        merge_adapters(model)

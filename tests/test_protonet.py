@@ -65,6 +65,21 @@ def hand_loss(batch, score):
     return sum(losses) / len(losses)
 
 
+def hand_accuracy(batch, score):
+    """The fraction of all queries whose best-scoring prototype is their class's."""
+    right = total = 0
+    for t in range(len(batch["support_label"])):
+        s, y = batch["support"]["image"][t].flatten(1), batch["support_label"][t]
+        q, yq = batch["query"]["image"][t].flatten(1), batch["query_label"][t]
+        n = int(y.max()) + 1
+        prototypes = [s[y == c].mean(0) for c in range(n)]
+        for i in range(len(q)):
+            scores = [float(score(q[i], prototypes[c])) for c in range(n)]
+            right += int(scores.index(max(scores)) == int(yq[i]))
+            total += 1
+    return right / total
+
+
 def test_protonet_loss_equals_a_hand_computation():
     batch = meta_batch()
     net = identity_net("euclidean")
@@ -75,7 +90,12 @@ def test_protonet_loss_equals_a_hand_computation():
 
     expected = hand_loss(batch, negative_squared_distance)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert 0.0 <= accuracy.item() <= 1.0
+    assert accuracy.item() == pytest.approx(hand_accuracy(batch, negative_squared_distance))
+    # overlapping classes, where some queries go to the wrong prototype
+    noisy = meta_batch(seed=1, spread=1.0, noise=1.0)
+    _, accuracy = net.episode_loss(noisy)
+    expected = hand_accuracy(noisy, negative_squared_distance)
+    assert 0 < expected < 1 and accuracy.item() == pytest.approx(expected)
 
 
 def test_cosine_protonet_divides_cosines_by_the_temperature():
@@ -188,7 +208,7 @@ def test_episodic_training_lowers_the_loss_and_fills_episode_accuracies(tmp_path
 
 
 def test_padded_episodes_are_left_out():
-    from mneme.app.models.fewshot.protonet import episode_metrics, record_accuracies
+    from mneme.datamodules.fewshot.meta_batches import episode_metrics, record_accuracies
 
     metric = episode_metrics(1)[0]
     correct = torch.tensor([[True, True], [True, False], [False, False]])
@@ -212,8 +232,8 @@ def test_mean_and_ci95_equal_numpys():
 def test_fewshot_metrics_logs_writes_json_and_prints_method_rows(tmp_path, capsys):
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.loggers import TensorBoardLogger
-    from mneme.app.models.fewshot.protonet import episode_metrics
     from mneme.callbacks import FewShotMetrics
+    from mneme.datamodules.fewshot.meta_batches import episode_metrics
 
     known = {  # (method, setting): accuracies
         ("prototypes", 0): [0.2, 0.4, 0.6, 0.8],

@@ -13,10 +13,10 @@ from mneme.app.nn.heads.prototypes import (
     NCMHead,
     RanPACHead,
     SimpleCILHead,
-    build_head,
     class_means,
     prototype_logits,
 )
+from mneme.app.nn.heads.registry import build_head
 from mneme.callbacks import ContinualMetrics, ExperienceCheckpoint
 from mneme.datamodules import ConfigError, ContinualDataModule
 from mneme.datamodules.data.experiences import TensorExperience

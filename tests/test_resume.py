@@ -105,7 +105,8 @@ def killed_and_resumed(workdir: Path, name: str, strategy: list[str], *kill: str
     resume = ["--ckpt_path", str(last)] if last.exists() else []  # killed before any save
     resumed = fit(workdir, name, *strategy, *resume)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    return workdir / "logs" / name / "version_1"
+    # a resume continues in the run it resumes; a run killed before any save starts anew
+    return workdir / "logs" / name / ("version_0" if resume else "version_1")
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -151,3 +152,53 @@ def test_fault_sweep(workdir, combined_reference, point):
         kill += ["--trainer.callbacks.init_args.dataloader", "2"]
     log_dir = killed_and_resumed(workdir, f"sweep_{point}", COMBINED, *kill)
     assert matrix_of(log_dir) == pytest.approx(combined_reference, abs=1e-6)
+
+
+# -- what changes training: one declaration, read by the resume guard ------------------------
+def _mixup():
+    from mneme.callbacks import MixUp
+
+    return MixUp(mixup_alpha=0.2, seed=0)
+
+
+def _unfreezing():
+    from mneme.callbacks import ProgressiveUnfreezing
+
+    return ProgressiveUnfreezing()
+
+
+RESNET = {"encoder": "resnet10t", "encoder_args": {"channels": [8, 8, 8, 8], "stem_width": 8}}
+
+
+@pytest.mark.parametrize(
+    ("make", "model_args"),
+    [(_mixup, {"encoder": "mneme_mlp"}), (_unfreezing, RESNET)],
+    ids=["mixup", "progressive_unfreezing"],
+)
+def test_a_resume_that_drops_augmentation_or_unfreezing_is_refused_in_one_line(
+    tmp_path, make, model_args
+):
+    import torch
+    from mneme.app import ContinualClassifier
+    from mneme.callbacks.base import affects_training
+    from mneme.datamodules import ConfigError, ContinualDataModule
+
+    from tests.conftest import digits_stream, quiet_trainer
+
+    def run(callbacks, ckpt_path=None):
+        datamodule = ContinualDataModule(**digits_stream(2), epochs_per_experience=1)
+        trainer = quiet_trainer(datamodule, tmp_path, callbacks, limit_train_batches=1,
+                                limit_val_batches=1)  # fmt: skip
+        model = ContinualClassifier(**model_args)
+        trainer.fit(model, datamodule, ckpt_path=ckpt_path)
+        return trainer
+
+    strategy = make()
+    assert affects_training(strategy)  # declared by the callback itself
+    trainer = run([strategy])
+    trainer.save_checkpoint(tmp_path / "with.ckpt")
+    saved = torch.load(tmp_path / "with.ckpt", weights_only=True)["mneme_run"]
+    assert saved["strategies"] == [strategy.state_key]
+    with pytest.raises(ConfigError, match=r"^ckpt_path: .*trainer.callbacks") as error:
+        run([], tmp_path / "with.ckpt")
+    assert strategy.state_key in str(error.value) and "\n" not in str(error.value)

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from mneme.app import ContinualClassifier
+from mneme.app.core.seeding import derive_seed
 from mneme.callbacks import EWC, ContinualMetrics, LwF, Replay
 from mneme.callbacks.strategies.lwf import distillation_loss
-from mneme.callbacks.strategies.replay import derive_seed
 from mneme.datamodules import ConfigError, ContinualDataModule
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")

@@ -64,14 +64,24 @@ def teacher_ckpt(tmp_path_factory):
 
 
 def test_checkpoint_teacher_logits_and_projection_train(teacher_ckpt, tmp_path):
+    from lightning.pytorch import Callback
+
+    class FirstProjection(Callback):  # the (lazy) projection before its first step
+        weight = None
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if self.weight is None:
+                self.weight = getattr(pl_module, PROJECTION).weight.detach().clone()
+
     kd = TeacherDistillation(teacher_checkpoint=teacher_ckpt, alpha=1.0, beta=0.5, temperature=2)
-    student = model(8)  # width 8, the teacher's 24: a projection 8 -> 24
+    student, first = model(8), FirstProjection()  # width 8, the teacher's 24: 8 -> 24
     seed_everything(0)
-    trainer = fit(student, [kd], tmp_path)
+    trainer = fit(student, [kd, first], tmp_path)
     projection = getattr(student, PROJECTION)
     assert projection.weight.shape == (24, 8)
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     assert id(projection.weight) in optimized
+    assert not torch.equal(projection.weight.detach(), first.weight)  # it trained
     assert student.last_loss_terms["teacher"] > 0
     trainer.save_checkpoint(tmp_path / "student.ckpt")
     state = torch.load(tmp_path / "student.ckpt", weights_only=True)["state_dict"]

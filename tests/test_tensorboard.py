@@ -35,7 +35,8 @@ def runs(tmp_path_factory):
     replay, naive = versions(cwd)
     ckpt = str(replay / "checkpoints" / "last.ckpt")
     test_out = mneme("test", "--config", str(QUICKSTART), "--ckpt_path", ckpt, cwd=cwd).stdout
-    (test,) = [p for p in versions(cwd) if p not in (replay, naive)]
+    assert versions(cwd) == [replay, naive]  # the test is no training run
+    test = replay / "eval" / "test-0"
     return {"cwd": cwd, "replay": replay, "naive": naive, "test": test, "test_out": test_out}
 
 
@@ -71,18 +72,24 @@ def test_each_fit_logs_its_configuration_and_final_metrics(runs):
         assert hp["model/encoder"] == "mneme_mlp"
         assert hp["data/benchmark"] == "mneme.datamodules.SplitDigits"
         assert hp["data/epochs_per_experience"] == 1
-        assert hp["Optimizer"] == "SGD(lr=0.01, momentum=0.9)"
-        assert hp["Seed"] == 0
-        assert hp["Data"].startswith(
+        # short columns that the HParams tab shows whole; the long forms nested
+        assert hp["Seed"] == "0"  # text: the tab prints a number as 0.0000
+        assert hp["Data"] == "SplitDigits"
+        assert hp["Model"] == "mneme_mlp" and hp["Optimizer"] == "SGD(lr=0.01)"
+        assert hp["described/Optimizer"] == "SGD(lr=0.01, momentum=0.9)"
+        assert hp["described/Data"].startswith(
             "ContinualDataModule(benchmark='mneme.datamodules.SplitDigits'"
         )
+        assert hp["described/Model"].startswith("ContinualClassifier(encoder='mneme_mlp'")
         assert not [name for name in hp if name.startswith("_") or "instantiator" in name]
-    assert replay["Callbacks"] == REPLAY and naive["Callbacks"] == "none"
+    assert replay["Callbacks"] == "Replay" and naive["Callbacks"] == "none"
+    assert replay["described/Callbacks"] == REPLAY and naive["described/Callbacks"] == "none"
     assert replay["callbacks/Replay/buffer_size"] == 200
     assert replay["callbacks/Replay/policy"] == "class_balanced"
     assert not [name for name in naive if name.startswith("callbacks/Replay")]
     # the strategy is the only difference of the two configurations
-    assert {n for n in replay.keys() & naive.keys() if replay[n] != naive[n]} == {"Callbacks"}
+    differ = {n for n in replay.keys() & naive.keys() if replay[n] != naive[n]}
+    assert differ == {"Callbacks", "described/Callbacks"}
 
     for run in (runs["replay"], runs["naive"]):
         data = hparams_plugin_data(run)
@@ -136,7 +143,7 @@ def test_the_hparams_tab_tells_the_two_runs_apart_and_skips_the_test_run(runs):
     groups = {group.name: group for group in table.session_groups}
     replay, naive = (f"quickstart/{runs[name].name}" for name in ("replay", "naive"))
     assert set(groups) == {replay, naive}  # `mneme test` is no trial
-    assert groups[replay].hparams["Callbacks"].string_value == REPLAY
+    assert groups[replay].hparams["Callbacks"].string_value == "Replay"
     assert groups[naive].hparams["Callbacks"].string_value == "none"
     for name in (replay, naive):
         assert groups[name].hparams["optimizer/class"].string_value == "torch.optim.SGD"
@@ -165,6 +172,11 @@ def test_heatmap_per_experience_scalars_and_text_table(runs):
     assert images[-1].width >= 700
     for tag in ("continual/acc_exp0", "continual/average_incremental_accuracy"):
         assert [e.step for e in accumulator.Scalars(tag)] == [0, 1, 2, 3, 4]
+    # a test experience's series starts when it is trained: no zeros before (the heatmap's)
+    assert [e.step for e in accumulator.Scalars("continual/acc_exp3")] == [3, 4]
+    assert [e.step for e in accumulator.Scalars("continual/acc_exp4")] == [4]
+    # the Custom Scalars tab: every experience's accuracy in one chart
+    assert "custom_scalars__config__" in accumulator.Tags()["tensors"]
     (table,) = accumulator.Tensors("continual/table/text_summary")[-1:]
     text = table.tensor_proto.string_val[0].decode()
     assert "Accuracy matrix" in text and "average_incremental_accuracy=" in text

@@ -9,20 +9,21 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from mneme.app.cli.tune_command import main, tune
 from mneme.app.core.errors import ConfigError
 from mneme.app.tune.search import (
     ObjectiveKeyError,
     load_search,
-    main,
     metric_value,
     parse_objective,
     parse_space,
-    tune,
 )
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from tests.conftest import ROOT
 
@@ -82,34 +83,56 @@ def _hparams(run: Path) -> tuple[set[str], set[str]]:
     return set(start.hparams), metrics
 
 
+def _trial_states(study_dir: Path) -> dict[int, TrialState]:
+    """The study's trials by number (none while the search has not created it yet)."""
+    import optuna
+    from mneme.app.tune.study import STUDY_FILE, STUDY_NAME
+
+    if not (study_dir / STUDY_FILE).is_file():
+        return {}
+    try:
+        study = optuna.load_study(
+            study_name=STUDY_NAME, storage=f"sqlite:///{study_dir / STUDY_FILE}"
+        )
+        return {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    except (KeyError, OperationalError):  # not created yet, or the writer holds the lock
+        return {}
+
+
 def test_a_killed_search_resumes_to_exactly_the_asked_trials(files):
     root, config, search = files
     study_dir = root / "study"
     args = ["tune", "--config", str(config), "--search", str(search), "--trials", "3"]
     code = "import sys; from mneme.app.cli.main import main; main(sys.argv[1:])"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code, *args, "--study_dir", str(study_dir)],
-        cwd=root,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    seen = []
-    for line in process.stderr:  # optuna and Lightning log to stderr
-        seen.append(line)
-        if any("Trial 0 finished" in s for s in seen) and "Seed set" in line:
-            os.kill(process.pid, signal.SIGKILL)  # trial 1's fit is starting: no cleanup
-            break
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    log = root / "tune.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", code, *args, "--study_dir", str(study_dir)],
+            cwd=root,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        # The kill point is Mneme's own record, the study: trial 0 complete and the next
+        # one running (no cleanup), whatever the libraries print meanwhile.
+        killed = None
+        while killed is None and process.poll() is None:
+            states = _trial_states(study_dir)
+            running = [n for n, state in states.items() if state == TrialState.RUNNING]
+            if states.get(0) == TrialState.COMPLETE and running:
+                os.kill(process.pid, signal.SIGKILL)
+                killed = running[0]
+            else:
+                time.sleep(0.05)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, log.read_text()[-3000:]
 
     study = tune(["--config", str(config)], str(search), 3, str(study_dir))
     states = {t.number: t.state for t in study.trials}
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 3 and states[0] == TrialState.COMPLETE
     # the killed trial: still RUNNING, or failed by the heartbeat and retried
-    assert states[1] in (TrialState.RUNNING, TrialState.FAIL)
+    assert states[killed] in (TrialState.RUNNING, TrialState.FAIL)
     values = [tuple(t.params.values()) for t in finished]
     assert len(set(values)) == 3  # the resumed process proposed new values
     for trial in finished:  # each a normal run folder
@@ -259,12 +282,15 @@ def test_bad_input_is_one_line_naming_the_field(files, search, trials, error):
 
 
 def test_space_keys_accept_indices_class_names_and_implicit_init_args():
-    config = {
-        "trainer": {
-            "callbacks": [{"class_path": "mneme.callbacks.EWC", "init_args": {"ewc_lambda": 1.0}}]
-        },
-        "model": {"init_args": {"optimizer": {"init_args": {"lr": 0.1}}}},
-    }
+    from jsonargparse import Namespace
+    from mneme.app.tune.config_keys import set_key
+
+    ewc = Namespace(class_path="mneme.callbacks.EWC", init_args=Namespace(ewc_lambda=1.0))
+    optimizer = Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1))
+    config = Namespace(  # as the CLI's parser gives it
+        trainer=Namespace(callbacks=[ewc]),
+        model=Namespace(class_path="x.Model", init_args=Namespace(optimizer=optimizer)),
+    )
     spec = {"type": "float", "low": 0.1, "high": 1.0}
     for key in ("trainer.callbacks[0].init_args.ewc_lambda", "trainer.callbacks.EWC.ewc_lambda"):
         (param,) = parse_space({key: spec}, config)
@@ -275,6 +301,74 @@ def test_space_keys_accept_indices_class_names_and_implicit_init_args():
     )
     assert list(choice.labels) == ["ewc", "replay"]
     assert parse_space({"model.optimizer.lr": spec}, config)
+    set_key(config, "model.optimizer.lr", 0.5)  # set on the parsed Namespace itself
+    set_key(config, "trainer.callbacks.EWC.ewc_lambda", 7.0)
+    assert config["model.init_args.optimizer.init_args.lr"] == 0.5
+    assert config["trainer.callbacks"][0].init_args.ewc_lambda == 7.0
+
+
+LR = "{model.optimizer.lr: {type: float, low: 0.001, high: 0.1}}"
+
+
+def _corrupt(study: Path) -> None:
+    study.mkdir()
+    (study / "study.db").write_bytes(b"not a database, " * 512)
+
+
+def _truncated(study: Path) -> None:
+    import sqlite3
+
+    study.mkdir()
+    with sqlite3.connect(study / "study.db") as db:  # a real SQLite file, cut short
+        db.execute("CREATE TABLE studies (id INTEGER, name TEXT)")
+        db.executemany("INSERT INTO studies VALUES (?, ?)", [(i, "x" * 200) for i in range(99)])
+    db.close()
+    data = (study / "study.db").read_bytes()
+    (study / "study.db").write_bytes(data[: len(data) // 2])
+
+
+def _folder(study: Path) -> None:
+    (study / "study.db").mkdir(parents=True)
+
+
+def _file(study: Path) -> None:
+    study.write_text("a file where the study folder goes")
+
+
+@pytest.mark.parametrize(
+    "prepare, space, error",
+    [
+        (_corrupt, LR, r"^--study_dir: '.*study.db' is not a readable Optuna study \(sqlite: "),
+        (_truncated, LR, r"^--study_dir: '.*study.db' is not a readable Optuna study"),
+        (_folder, LR, r"^--study_dir: '.*study.db' is not a file"),
+        (_file, LR, r"^--study_dir: '.*study' is a file, not a folder"),
+        (None, "{data.batch_size: {type: int, low: 16.5, high: 128}}",
+         r"^space.data.batch_size.low: an int distribution takes whole numbers, got 16.5"),
+        (None, "{data.batch_size: {type: int, low: 16, high: 128, step: 0.5}}",
+         r"^space.data.batch_size.step: an int distribution takes whole numbers"),
+        (None, "{data.trusted_benchmarks: {type: categorical, choices: [[os.system]]}}",
+         r"^space.data.trusted_benchmarks: data.trusted_benchmarks cannot be searched"),
+        (None, "{'trainer.callbacks[0]': {type: categorical, choices: "
+               "{evil: {class_path: os.system}}}}",
+         r"^space.trainer.callbacks\[0\]: trainer.callbacks.class_path: 'os.system' is not"),
+    ],
+    ids=["corrupt_db", "truncated_db", "db_is_a_folder", "study_dir_is_a_file",
+         "int_fractional_bound", "int_fractional_step", "trusted_benchmarks", "class_path"],
+)  # fmt: skip
+def test_a_bad_study_or_space_is_one_line_and_keeps_the_earlier_files(files, prepare, space, error):
+    root, config, search_file = files
+    search_file.write_text(f"space: {space}\n")
+    study = root / "study"
+    if prepare is not None:
+        prepare(study)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["--config", str(config), "--search", str(search_file), "--trials", "1",
+              "--study_dir", str(study)])  # fmt: skip
+    message = str(exit_.value.code)
+    assert message.startswith("mneme: error: ") and "\n" not in message
+    assert __import__("re").search(error, message.removeprefix("mneme: error: ")), message
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
 
 
 def test_the_shipped_search_file_fits_the_shipped_config():

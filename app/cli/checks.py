@@ -7,7 +7,9 @@ import re
 from pathlib import Path
 
 from mneme.app.cli.run_folders import log_root
+from mneme.app.core.checkpoints import check_checkpoint, saved_class_path  # noqa: F401 - re-export
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.library_errors import lightning_accelerator_unavailable
 
 # Subcommands that evaluate a trained model: without a checkpoint they would score random
 # weights and exit 0.
@@ -76,51 +78,16 @@ def trainer_setting_error(error: Exception, user: dict) -> str:
              or isinstance(user.get(k), str) and user[k] != "auto"
              and user[k].lower() in text.lower()]  # fmt: skip
     fields = ", ".join(f"trainer.{k}" for k in named) or "trainer"
-    if "accelerator" in named and re.search("not available|no supported", text, re.I):
+    if "accelerator" in named and lightning_accelerator_unavailable(text):
         text += " Use --trainer.accelerator cpu (or auto)"
     return f"{fields}: {text}"[:450]
-
-
-def check_checkpoint(ckpt_path: str | None) -> dict | None:
-    """Fail early, in one line, on a missing, truncated or unsafe checkpoint file.
-
-    Loading with ``weights_only=True`` refuses pickled code: a Mneme checkpoint holds only
-    tensors and plain data, so anything else is not one of ours.
-    """
-    if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
-        return None
-    import torch
-
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path: no checkpoint file at '{path}'")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # noqa: BLE001 - any failure to read means the same to the user
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-        raise ConfigError(
-            f"ckpt_path: cannot read '{path}' as a checkpoint (truncated, corrupted or not "
-            f"saved by mneme: {type(error).__name__} {reason}); resume from another "
-            "checkpoint, e.g. the epoch checkpoint next to last.ckpt"
-        ) from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(f"ckpt_path: '{path}' is not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-# Class paths of checkpoints saved before the `mneme` namespace (0.1.0: `app.X`).
-LEGACY_PREFIXES = {"app.": "mneme.app."}
 
 
 def check_checkpoint_model(checkpoint: dict | None, model_class_path: str) -> None:
     """Refuse a checkpoint whose module class is not the config's (compared as text:
     nothing the checkpoint names is imported)."""
-    saved = (checkpoint or {}).get("hyper_parameters", {}).get("_class_path")
-    if not isinstance(saved, str):
-        return
-    for old, new in LEGACY_PREFIXES.items():
-        saved = new + saved[len(old) :] if saved.startswith(old) else saved
-    if saved != model_class_path:
+    saved = saved_class_path(checkpoint)
+    if saved is not None and saved != model_class_path:
         raise ConfigError(
             f"ckpt_path: the checkpoint holds a {saved}, but model.class_path is "
             f"{model_class_path}; use the config the checkpoint was trained with"

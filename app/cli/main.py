@@ -6,13 +6,15 @@ Heavy libraries (Lightning, Avalanche, timm) are imported only when a subcommand
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import sys
 import threading
+import traceback
 import warnings
 
+from mneme.app.cli.ddp_exit import end_failed_ddp_run, in_ddp_run
+from mneme.app.cli.error_mode import debug_mode, rank_zero_error
 from mneme.app.cli.lazy_imports import defer_unused_imports
 from mneme.app.cli.parser import (
     FEWSHOT,
@@ -35,7 +37,7 @@ def main(args: list[str] | None = None) -> None:
     prefer_passive_openmp_wait()
     defer_unused_imports()
     if argv[0] == "export":  # imports torch/onnx only when asked
-        from mneme.app.compress.export import main as export_main
+        from mneme.app.cli.export_command import main as export_main
 
         quiet_known_noise()
         try:
@@ -45,7 +47,7 @@ def main(args: list[str] | None = None) -> None:
         return
     if argv[0] == "tune":  # imports optuna only when asked
         quiet_known_noise()
-        from mneme.app.tune.search import main as tune_main
+        from mneme.app.cli.tune_command import main as tune_main
 
         try:
             tune_main(argv[1:])
@@ -94,19 +96,6 @@ def run_cli(args: list[str] | None, fewshot: bool = False) -> None:
         sys.exit(f"mneme: error: {summary} (MNEME_DEBUG=1 shows the traceback)")
 
 
-def debug_mode() -> bool:
-    """``MNEME_DEBUG`` on: 1, true or yes (any case); 0, false, no or empty leave it off."""
-    return os.environ.get("MNEME_DEBUG", "").strip().lower() in ("1", "true", "yes")
-
-
-def rank_zero_error(message: str) -> None:
-    """The one error line, printed once under DDP (by rank 0)."""
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if getattr(rank_zero_only, "rank", 0) == 0:
-        print(f"mneme: error: {message}", file=sys.stderr, flush=True)
-
-
 def quiet_known_noise() -> None:
     """Silence third-party messages that are false or not actionable for a Mneme run, and
     only those (each matched by its text, so every other warning stays visible)."""
@@ -122,17 +111,32 @@ def quiet_known_noise() -> None:
     # batch norms of a frozen backbone stay in eval mode on purpose (their statistics are the
     # pretrained ones: mneme.app.finetuning.adaptation.freeze_norm_statistics)
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # PredictionWriter numbers the samples itself (Mneme's loaders are not DataLoaders with
+    # Lightning's batch-sampler wrapper): the batch indices Lightning looks for are not used
+    warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices fetched")
     # `mneme fewshot fit ...` hands LightningCLI the arguments after `fewshot`, on purpose
     warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertising())
+    # torchao's import registers its KernelPreference enum with torch's pytree, which torch
+    # 2.14 logs as deprecated (a warning per import, on every QAT run and export)
+    logging.getLogger("torch.utils._pytree").addFilter(_TorchaoEnumNotice())
 
 
 class _NoAdvertising:
-    """Drops Lightning's tip to install its cloud logger."""
+    """Drops Lightning's tips to install its cloud logger and model registry."""
 
     @staticmethod
     def filter(record) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return "litlogger" not in message and "litmodels" not in message
+
+
+class _TorchaoEnumNotice:
+    """Drops torch's notice about torchao's ``KernelPreference`` enum (torchao's to fix)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return "'KernelPreference'> is an Enum subclass" not in record.getMessage()
 
 
 def console_main() -> None:
@@ -149,10 +153,19 @@ def console_main() -> None:
         status = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
         if exit_.code is not None and not isinstance(exit_.code, int):
             print(exit_.code, file=sys.stderr)
+    except Exception:  # a bug: its traceback, and in a DDP run no process left waiting
+        if not in_ddp_run():
+            raise
+        traceback.print_exc()
+        status = 1
+    if status:  # a failed DDP process ends the run's other processes and exits at once
+        end_failed_ddp_run(status)
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if any(t.is_alive() and not t.daemon for t in others):
         sys.exit(status)
-    atexit._run_exitfuncs()  # what a normal exit runs first (CPython's own, unlisted)
+    from mneme.app.core.private_api import run_exit_handlers
+
+    run_exit_handlers()  # what a normal exit runs first
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError):  # a reader that has gone (`| head`)
             stream.flush()

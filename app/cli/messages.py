@@ -19,6 +19,8 @@ import difflib
 import errno
 import re
 
+from mneme.app.core import library_errors
+
 NOISE = (
     "Expected a <class 'NoneType'>",
     "Does not validate against any of the Union subtypes",
@@ -97,24 +99,23 @@ def summarize_library_error(error: BaseException) -> str | None:
     instantiating a class, torch loading a checkpoint into another model, the OS refusing
     a path); ``None`` for anything else, which is a bug and keeps its traceback."""
     text = str(error).strip() or type(error).__name__
-    if "Does not validate against any of the" in text:  # jsonargparse, while instantiating
+    if library_errors.jsonargparse_no_union_match(text):  # while instantiating a class
         return summarize_argument_error(text)
-    if isinstance(error, RuntimeError) and "Error(s) in loading state_dict" in text:
-        detail = next((s.strip() for s in text.splitlines()[1:] if s.strip()), "")
+    if (detail := library_errors.torch_state_dict_mismatch(error)) is not None:
         return _clip(
             f"ckpt_path: the checkpoint does not fit this model ({detail}); "
             "use the config the checkpoint was trained with"
         )
-    if isinstance(error, RuntimeError) and "SaveConfigCallback expected" in text:
+    if (where := library_errors.lightning_config_file_exists(error)) is not None:
         # without a logger the run's config.yaml goes to trainer.default_root_dir (the
         # working folder): an earlier run's is there, and Lightning refuses to overwrite it
-        found = re.search(r"expected (\S+) to NOT exist", text)
-        where = found.group(1) if found else "config.yaml"
         return _clip(
             f"trainer.logger: without a logger the run writes its config to {where}, and an "
             "earlier run's is there (kept); run in another folder, set trainer.default_root_dir, "
             "or keep the TensorBoard logger (each run gets its own version folder)"
         )
+    if failure := library_errors.ddp_failure(error):
+        return _clip(DDP_FAILURES[failure].format(timeout=ddp_timeout_s()))
     if download := _download_failure(error):
         return _clip(
             f"data.benchmark_args.dataset_root: the benchmark downloads its data, which failed "
@@ -136,6 +137,33 @@ def summarize_library_error(error: BaseException) -> str | None:
     return None
 
 
+# What ends a DDP process, in one line each rank prints (see mneme.app.cli.ddp_exit: the
+# run's other processes end with it, so no rank waits longer than MNEME_DDP_TIMEOUT).
+DDP_FAILURES = {
+    "unused_parameters": (
+        "trainer.strategy: the model leaves parameters without a gradient in a step (a "
+        "mixture-of-experts head runs only its top_k experts per sample), which plain DDP "
+        "refuses; use --trainer.strategy ddp_find_unused_parameters_true"
+    ),
+    "peer_gone": (
+        "trainer.devices: another process of this DDP run ended (killed or crashed; its own "
+        "output says why), so this one stops too; resume with --ckpt_path <run>/checkpoints/"
+        "last.ckpt"
+    ),
+    "timeout": (
+        "trainer.devices: a process of this DDP run did not answer for MNEME_DDP_TIMEOUT="
+        "{timeout} s (stopped or hung), so the run stops; raise MNEME_DDP_TIMEOUT for steps "
+        "that take longer, or resume with --ckpt_path <run>/checkpoints/last.ckpt"
+    ),
+}
+
+
+def ddp_timeout_s() -> int:
+    from mneme.app.cli.parser import DDP_TIMEOUT_S
+
+    return DDP_TIMEOUT_S
+
+
 def _download_failure(error: BaseException) -> str | None:
     """The innermost reason of a failed dataset download (torchvision, Avalanche), found by
     type in the exception chain (``URLError``, socket errors) or, where torchvision keeps
@@ -146,10 +174,8 @@ def _download_failure(error: BaseException) -> str | None:
     while seen is not None:
         if isinstance(seen, (urllib.error.URLError, ConnectionError, TimeoutError)):
             return _clip(str(getattr(seen, "reason", seen)))[:160]
-        text = str(seen)
-        if text.startswith("Error downloading"):
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            return _clip(f"{lines[0]} {lines[-1]}")[:200]
+        if (failure := library_errors.torchvision_download_failure(seen)) is not None:
+            return _clip(failure)[:200]
         seen = seen.__cause__ or seen.__context__
     return None
 

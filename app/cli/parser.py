@@ -6,6 +6,7 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from mneme.app.cli.checks import (
     check_checkpoint,
@@ -15,7 +16,14 @@ from mneme.app.cli.checks import (
     resolve_ckpt_path,
     trainer_setting_error,
 )
-from mneme.app.cli.run_folders import claim_log_version, note_new_folder
+from mneme.app.cli.raw_config import check_raw_config, import_policy
+from mneme.app.cli.run_checks import check_finite_weights, check_seed, check_state_keys
+from mneme.app.cli.run_folders import (
+    claim_log_version,
+    files_in,
+    note_new_folder,
+    written_since,
+)
 from mneme.app.core.errors import ConfigError, MnemeError
 
 USAGE = """usage: mneme {fit,validate,test,predict} --config CONFIG.yaml [options]
@@ -29,7 +37,8 @@ subcommands:
   fit        train over the whole stream of experiences
   validate   evaluate on every test experience
   test       evaluate a checkpoint (--ckpt_path) on the whole test stream
-  predict    predict on the test stream
+  predict    write what a checkpoint predicts (the test stream, or --data.predict_inputs:
+             a folder or CSV of images) to <run>/eval/predict-<n>/predictions.jsonl
   fewshot    the same over N-way K-shot episodes (data: EpisodicDataModule): meta-train
              (ProtoNet, MAML), or few-shot evaluation of a trained checkpoint
              (FewShotEvaluator, whose own `checkpoint:` needs no --ckpt_path)
@@ -80,15 +89,22 @@ class RunInterrupted(MnemeError):
 
 
 def build_cli(
-    args: list[str] | None = None, run: bool = True, fewshot: bool = False, extra_callbacks=()
+    args: Any = None,
+    run: bool = True,
+    fewshot: bool = False,
+    extra_callbacks=(),
+    parse_only: bool = False,
 ):
     """Build (and by default run) the LightningCLI; ``run=False`` only instantiates.
     ``fewshot``: episodes (``EpisodicDataModule``) and the few-shot report instead of a
     stream of experiences and its accuracy matrix. ``extra_callbacks``: live callbacks added
-    to the trainer's (``mneme tune``'s pruning, which holds an Optuna trial)."""
+    to the trainer's (``mneme tune``'s pruning, which holds an Optuna trial).
+    ``parse_only``: return the parsed configuration (a jsonargparse ``Namespace``, every
+    default filled in) before anything is instantiated or any folder claimed; ``args`` may
+    be such a Namespace (``mneme tune``'s trial, its sampled values set on it)."""
     from typing import Literal, Union
 
-    from jsonargparse import ArgumentError
+    from jsonargparse import ArgumentError, Namespace
     from lightning.pytorch import LightningModule
     from lightning.pytorch.callbacks import ProgressBar
     from lightning.pytorch.cli import LightningCLI
@@ -101,9 +117,17 @@ def build_cli(
         ExperienceCost,
         FewShotMetrics,
         FiniteLossGuard,
+        PredictionWriter,
         StreamProgressBar,
     )
     from mneme.datamodules import ContinualDataModule, EpisodicDataModule
+
+    parsed = isinstance(args, Namespace)  # a configuration this parser made, not text
+    asked = [args["subcommand"]] if parsed else (args if args is not None else sys.argv[1:])[:1]
+
+    class _Parsed(Exception):  # noqa: N818 - carries the configuration out, not an error
+        def __init__(self, config: Namespace) -> None:
+            self.config = config
 
     class MnemeCLI(LightningCLI):
         def subcommands(self) -> dict[str, set[str]]:
@@ -111,13 +135,25 @@ def build_cli(
             # the four, from every class's signature (70 failing in-process runs of the
             # bad-input catalog: 26.3 s with all four, 18.9 s with one).
             every = LightningCLI.subcommands()
-            asked = (args if args is not None else sys.argv[1:])[:1]
             return {name: skip for name, skip in every.items() if name in asked} or every
 
+        def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+            parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+            if subcommand in ("validate", "test"):
+                # Mneme's metrics callbacks print the results as tables of their own;
+                # Lightning's would repeat each figure under every DataLoader's column
+                # (`--verbose true` brings it back).
+                parser.set_defaults(verbose=False)
+            return parser
+
         def parse_arguments(self, parser, args) -> None:
-            check_config_files(args if args is not None else sys.argv[1:])
+            if not parsed:  # a Namespace's text was checked when it was parsed
+                check_config_files(args if args is not None else sys.argv[1:])
+                # class paths judged as text before jsonargparse imports them; duplicated keys
+                check_raw_config(args if args is not None else sys.argv[1:])
             try:
-                super().parse_arguments(parser, args)
+                with import_policy():  # and jsonargparse imports nothing outside the trusted
+                    super().parse_arguments(parser, args)
             except ArgumentError as error:
                 message = str(error).replace(
                     "Problems parsing config:", "invalid YAML in --config:"
@@ -131,18 +167,37 @@ def build_cli(
                 if not self_loading:
                     config["ckpt_path"] = resolve_ckpt_path(subcommand, config)
                 checkpoint = check_checkpoint(config.get("ckpt_path"))
+                check_finite_weights(checkpoint, config.get("ckpt_path"))
+                check_seed(config.get("seed_everything"))
                 check_checkpoint_model(checkpoint, config["model"]["class_path"])
                 check_checkpoint_dirpath(subcommand, config)
                 note_new_folder(config["data"].get("benchmark_args"))
                 check_weight_files(config["model"].get("init_args"))
 
         def before_instantiate_classes(self) -> None:
+            if parse_only:
+                raise _Parsed(self.config)
             # The run's log folder is claimed before anything is built, so that no two runs
             # (nor a run and an earlier one) ever share it.
             config = self.config[self.subcommand] if self.subcommand else self.config
             apply_cpu_threads(config.get("cpu_threads", "auto"))
-            claim_log_version(config["trainer"])
+            command = self.subcommand or "fit"
+            self.run_folder = claim_log_version(
+                config["trainer"],
+                f"{FEWSHOT}-{command}" if fewshot else command,
+                evaluated_checkpoint(config),
+            )
+            if self.run_folder is not None:
+                if self.run_folder.kind == "resumed":  # its config.yaml: the finishing run's
+                    # (decided on every rank: Lightning's check of the file is a collective)
+                    self.save_config_kwargs = {**self.save_config_kwargs, "overwrite": True}
+                self.files_before = files_in(self.run_folder.path)
+                resumed = " (resumed)" if self.run_folder.kind == "resumed" else ""
+                rank_zero_say(f"mneme: run folder {self.run_folder.path}{resumed}")
+            if command == "predict" and config.get("return_predictions") is None:
+                config["return_predictions"] = False  # PredictionWriter writes them per batch
 
+        # A private LightningCLI method: see private_api.LIGHTNING_CLI_OVERRIDES (tested).
         def _parse_ckpt_path(self) -> None:
             # Lightning would merge the checkpoint's hyper_parameters into the config here,
             # and their `_class_path` would decide which module gets imported: a crafted
@@ -160,6 +215,8 @@ def build_cli(
             if fewshot:
                 parser.add_lightning_class_args(FewShotMetrics, "fewshot_metrics")
                 return
+            if asked == ["predict"]:
+                parser.add_lightning_class_args(PredictionWriter, "predictions")
             parser.add_lightning_class_args(ContinualMetrics, "metrics")
             parser.add_lightning_class_args(ExperienceCost, "cost")
             parser.add_lightning_class_args(FiniteLossGuard, "finite_loss_guard")
@@ -178,11 +235,16 @@ def build_cli(
             callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
             if show and not any(isinstance(c, ProgressBar) for c in callbacks):
                 callbacks.append(StreamProgressBar())
+            elif not show:  # a line per experience (per N evaluation batches) instead
+                from mneme.callbacks.reporting.progress import ProgressLines
+
+                callbacks.append(ProgressLines())
             callbacks += list(extra_callbacks)
             if config.get("cpu_threads", "auto") == "auto":  # decided once the model is built
                 callbacks.append(AutoCpuThreads())
             kwargs.update(enable_progress_bar=bool(show), callbacks=callbacks)
-            if strategy := ddp_with_timeout(user["strategy"]):
+            check_state_keys(callbacks)
+            if strategy := ddp_with_timeout(user["strategy"], self.model):
                 kwargs["strategy"] = strategy
             from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -191,10 +253,12 @@ def build_cli(
             except MisconfigurationException as error:  # Lightning's word for a bad setting
                 raise ConfigError(trainer_setting_error(error, user)) from None
 
+        # A private LightningCLI method: see private_api.LIGHTNING_CLI_OVERRIDES (tested).
         def _run_subcommand(self, subcommand: str) -> None:
             # Lightning turns SIGTERM into SystemExit(None) (status 0) and Ctrl-C into
             # SystemExit(1), after marking the trainer interrupted: neither says the run
             # is unfinished, nor how to resume it.
+            self.check_resume()  # before anything is written, for every subcommand
             try:
                 super()._run_subcommand(subcommand)
                 if fewshot and subcommand == "fit" and not self.trainer.interrupted:
@@ -203,24 +267,72 @@ def build_cli(
             except (SystemExit, KeyboardInterrupt):
                 if not self.trainer.interrupted:
                     raise
+            finally:
+                self.report_written()
             if self.trainer.interrupted:
                 raise interruption(self.trainer, subcommand)
 
-    return MnemeCLI(
-        LightningModule,
-        EpisodicDataModule if fewshot else ContinualDataModule,
-        subclass_mode_model=True,
-        seed_everything_default=0,
-        trainer_defaults={
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "logs", "name": "fewshot" if fewshot else "mneme"},
+        def check_resume(self) -> None:
+            """A resume that changes what defines the run (an evaluation: its stream) is
+            refused here, before the command writes anything (its config, logs, metrics)
+            into a run folder; the module's ``on_load_checkpoint`` checks it again for any
+            other caller."""
+            from mneme.app.models.run_definition import KEY, check_same_run, definition_of
+
+            ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+            saved = (check_checkpoint(ckpt_path) or {}).get(KEY)
+            if not isinstance(saved, dict) or not hasattr(self.datamodule, "run_definition"):
+                return
+            version = int(saved.get("version", 1))  # compared as that checkpoint recorded it
+            current = definition_of(self.datamodule, self.trainer.callbacks, self.model, version)
+            allowed = set(getattr(self.datamodule, "allow_resume_changes", ()))
+            if self.subcommand != "fit":  # an evaluation needs only the same stream
+                allowed |= {"strategies", "epochs_per_experience", "optimizer"}
+            check_same_run(saved, current, allowed)
+
+        def report_written(self) -> None:
+            """One line naming the files this command wrote in its run folder."""
+            claimed = getattr(self, "run_folder", None)
+            if claimed is not None:
+                written = written_since(claimed.path, self.files_before)
+                if written:
+                    rank_zero_say(f"mneme: wrote {', '.join(written)} in {claimed.path}")
+
+    try:
+        return MnemeCLI(
+            LightningModule,
+            EpisodicDataModule if fewshot else ContinualDataModule,
+            subclass_mode_model=True,
+            seed_everything_default=0,
+            trainer_defaults={
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "logs", "name": "fewshot" if fewshot else "mneme"},
+                },
             },
-        },
-        parser_kwargs={"exit_on_error": False},
-        args=args,
-        run=run,
-    )
+            parser_kwargs={"exit_on_error": False},
+            args=args,
+            run=run,
+        )
+    except _Parsed as done:
+        return done.config
+
+
+def evaluated_checkpoint(config) -> str | None:
+    """The checkpoint a command starts from: ``ckpt_path``, or the self-loading few-shot
+    evaluator's ``model.init_args.checkpoint``."""
+    model = config.get("model") or {}
+    if model.get("class_path") in SELF_LOADING:
+        return (model.get("init_args") or {}).get("checkpoint")
+    return config.get("ckpt_path")
+
+
+def rank_zero_say(line: str) -> None:
+    """Print ``line`` on stdout, once under DDP (rank 0)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        print(line, flush=True)
 
 
 def known_keys(parser, message: str) -> list[str]:
@@ -276,10 +388,13 @@ def check_config_files(args: list[str]) -> None:
             )
 
 
-def ddp_with_timeout(strategy):
+def ddp_with_timeout(strategy, model=None):
     """A DDP strategy named by a string, built with a collective timeout
     (``MNEME_DDP_TIMEOUT`` seconds), so that a frozen rank ends the run instead of leaving
-    the others waiting; ``None`` for any other strategy (kept as the user gave it)."""
+    the others waiting; ``None`` for any other strategy (kept as the user gave it). A model
+    whose steps leave parameters without a gradient (a mixture-of-experts head runs only
+    the top_k experts of each sample) gets DDP's unused-parameter detection, which plain
+    ``ddp`` lacks (its reducer would stop the run), unless the name turns it off."""
     if not isinstance(strategy, str) or not strategy.startswith("ddp"):
         return None
     import inspect
@@ -290,7 +405,22 @@ def ddp_with_timeout(strategy):
     entry = StrategyRegistry[strategy] if strategy in StrategyRegistry else None
     if not entry or "timeout" not in inspect.signature(entry["strategy"]).parameters:
         return None
-    return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=DDP_TIMEOUT_S))
+    params = dict(entry["init_params"])
+    if "find_unused_parameters" not in params and leaves_parameters_unused(model):
+        params["find_unused_parameters"] = True
+        rank_zero_say(f"mneme: trainer.strategy {strategy}: with unused-parameter detection (MoE)")
+    return entry["strategy"](**params, timeout=timedelta(seconds=DDP_TIMEOUT_S))
+
+
+def leaves_parameters_unused(model) -> bool:
+    """Whether a training step of ``model`` may leave parameters without a gradient: a
+    routed head (``model.head: {name: moe}``, role ``routed`` in the head registry), read
+    from the hyperparameters since the head is built only in ``setup``."""
+    from mneme.app.nn.heads.registry import HEADS
+
+    head = dict(getattr(model, "hparams", None) or {}).get("head")
+    kind = HEADS.get(str(head.get("name"))) if isinstance(head, dict) else None
+    return kind is not None and kind.role == "routed"
 
 
 def interruption(trainer, subcommand: str) -> RunInterrupted:

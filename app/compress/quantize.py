@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.private_api import pruning_methods
 from torch import Tensor, nn
 
 MODES = ("ptq_dynamic", "ptq_weight_only", "ptq_static", "qat")
@@ -211,12 +212,8 @@ def detach_pruned_weights(module: nn.Module) -> nn.Module:
     """Recompute each torch-prune masked weight (``orig * mask``) without autograd history:
     a masked weight computed in a grad-enabled forward is no graph leaf, which
     ``copy.deepcopy`` refuses. Same values; the next forward recomputes it as before."""
-    from torch.nn.utils import prune
-
-    for m in module.modules():
-        for hook in m._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                setattr(m, hook._tensor_name, hook.apply_mask(m))
+    for m, name, method in pruning_methods(module):
+        setattr(m, name, method.apply_mask(m))
     return module
 
 
@@ -225,10 +222,8 @@ def remove_pruning(module: nn.Module) -> nn.Module:
     weights become plain Parameters (zeros kept), which quantizers and exporters need."""
     from torch.nn.utils import prune
 
-    for m in module.modules():
-        for hook in list(m._forward_pre_hooks.values()):
-            if isinstance(hook, prune.BasePruningMethod):
-                prune.remove(m, hook._tensor_name)
+    for m, name, _ in list(pruning_methods(module)):
+        prune.remove(m, name)
     return module
 
 

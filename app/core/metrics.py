@@ -62,6 +62,41 @@ class ExperienceAccuracy(Metric):
         return torch.where(self.total > 0, self.correct / self.total.clamp_min(1), nan)
 
 
+class ExperiencePerplexity(Metric):
+    """Token-level perplexity on each test experience: ``exp(Σ NLL / Σ tokens)`` over every
+    token scored there (summed across batches and ranks, so a batch's size never weighs in);
+    ``compute()`` is NaN for experiences never updated."""
+
+    full_state_update = False
+    higher_is_better = False
+    is_differentiable = False
+
+    nll: Tensor
+    tokens: Tensor
+
+    def __init__(self, num_experiences: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_experiences < 1:
+            raise ValueError(f"num_experiences must be >= 1, got {num_experiences}")
+        self.num_experiences = num_experiences
+        # float64: a sum over millions of tokens, each a few nats
+        zeros = torch.zeros(num_experiences, dtype=torch.float64)
+        self.add_state("nll", default=zeros.clone(), dist_reduce_fx="sum")
+        self.add_state("tokens", default=zeros.clone(), dist_reduce_fx="sum")
+
+    def update(self, nll_sum: Tensor, tokens: Tensor | int, experience: int) -> None:
+        """Add a batch's summed token NLL (nats) and its number of scored tokens."""
+        if not 0 <= experience < self.num_experiences:
+            raise ValueError(f"experience {experience} out of range [0, {self.num_experiences})")
+        self.nll[experience] += torch.as_tensor(nll_sum).detach().to(self.nll)
+        self.tokens[experience] += torch.as_tensor(tokens).to(self.tokens)
+
+    def compute(self) -> Tensor:
+        """``exp(nll / tokens)`` per experience, NaN where no token was scored."""
+        nan = torch.full_like(self.nll, float("nan"))
+        return torch.where(self.tokens > 0, (self.nll / self.tokens.clamp_min(1)).exp(), nan)
+
+
 def _validate(R: Matrix, baseline: Sequence[float] | None = None) -> list[list[float]]:
     """Return ``R`` as a list of float rows; raise ``ValueError`` if it is not K x T with K <= T."""
     rows = [[float(x) for x in row] for row in R]
@@ -182,3 +217,49 @@ def summarize(
             zero_shot_transfer=_mean(unseen) if unseen else None,
         )
     return summary
+
+
+# -- lower-is-better matrices (perplexity) ------------------------------------------------
+def perplexity_forgetting(P: Matrix) -> float | None:
+    """F = mean_{j<k} (P[k][j] - min_{l in [j, k-1]} P[l][j]): the mean rise of each earlier
+    experience's perplexity above its best (RWalk's forgetting with max -> min and the
+    difference turned, so that positive means forgotten, as for accuracy)."""
+    P = _validate(P)
+    k = len(P) - 1
+    if k == 0:
+        return None
+    return _mean([P[k][j] - min(P[i][j] for i in range(j, k)) for j in range(k)])
+
+
+def perplexity_bwt(P: Matrix) -> float | None:
+    """BWT = mean_{j<k} (P[j][j] - P[k][j]): GEM's backward transfer with the difference
+    turned, so that positive means later training helped earlier experiences (as for
+    accuracy) and negative means their perplexity rose."""
+    P = _validate(P)
+    k = len(P) - 1
+    if k == 0:
+        return None
+    return _mean([P[j][j] - P[k][j] for j in range(k)])
+
+
+def summarize_perplexity(P: Matrix) -> dict[str, Any]:
+    """The figures of a perplexity matrix ``P[k][j]`` (after experience ``k``, on test
+    experience ``j``; lower is better), JSON-serializable:
+
+    - ``average_perplexity`` = mean_{j<=k} P[k][j] (the last row, on what was trained);
+    - ``perplexity_forgetting`` (:func:`perplexity_forgetting`), ``perplexity_bwt``
+      (:func:`perplexity_bwt`);
+    - ``general_perplexity_rise`` = P[k][0] / P[0][0] - 1: how much the perplexity of test
+      experience 0 (a language-model stream's general stage, the base model's own kind of
+      text) rose after training on everything else (None with one row).
+    """
+    P = _validate(P)
+    k = len(P) - 1
+    return {
+        "perplexity_matrix": P,
+        "average_perplexity": _mean(P[k][: k + 1]),
+        "average_perplexity_per_experience": [_mean(P[i][: i + 1]) for i in range(len(P))],
+        "perplexity_forgetting": perplexity_forgetting(P),
+        "perplexity_bwt": perplexity_bwt(P),
+        "general_perplexity_rise": P[k][0] / P[0][0] - 1 if k > 0 else None,
+    }

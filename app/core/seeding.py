@@ -18,6 +18,26 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+_MASK64 = (1 << 64) - 1
+
+
+def derive_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys (splitmix64 chain), so that neighbouring keys such as
+    consecutive steps give unrelated random streams. Stateless: the same keys, the same seed."""
+    h = 0
+    for key in keys:
+        z = ((h ^ (key & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+def keyed_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded by :func:`derive_seed` of ``keys``: the same keys (e.g. seed,
+    rank, step), the same draws, whichever process or order draws them."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
 
 def run_seed(seed: int | None = None) -> int:
     """``seed`` when given, else the run's (``PL_GLOBAL_SEED``, which Lightning's

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.library_errors import peft_target_modules_missing
 from torch import Tensor, nn
 
 FIELD = "model.peft"
@@ -52,6 +53,19 @@ def _peft_config_class(method: str) -> type:
         "loha": peft.LoHaConfig,
         "lokr": peft.LoKrConfig,
         "ia3": peft.IA3Config,
+    }[method]
+
+
+def _peft_tuner_class(method: str) -> type:
+    """peft's tuner of ``method``: what ``peft.inject_adapter_in_model`` builds (and then
+    drops); kept here, its ``merge_and_unload`` folds the adapters into the backbone."""
+    import peft
+
+    return {
+        "lora": peft.LoraModel,
+        "loha": peft.LoHaModel,
+        "lokr": peft.LoKrModel,
+        "ia3": peft.IA3Model,
     }[method]
 
 
@@ -101,6 +115,7 @@ class BackboneAdaptation:
             )
         self._check_options()
         self.adapter_names = [SHARED]
+        self.tuner: Any = None  # peft's tuner of a peft method (its merge_and_unload)
         if self.frozen:
             backbone.requires_grad_(False)
         self.added: list[nn.Parameter] = []
@@ -153,8 +168,6 @@ class BackboneAdaptation:
         self.added = new
 
     def _inject_peft(self, options: dict[str, Any], num_tasks: int) -> None:
-        from peft import inject_adapter_in_model
-
         config_class = _peft_config_class(self.method)
         targets = options.get("target_modules")
         if targets is None:
@@ -162,6 +175,14 @@ class BackboneAdaptation:
                 f"{self.field}.target_modules: name the layers to adapt (a regex over module "
                 f"names, or a list of names); e.g. {_layer_examples(self.backbone)}"
             )
+        if isinstance(targets, str):
+            try:  # peft matches it with re.fullmatch, where a bad pattern is a traceback
+                re.compile(targets)
+            except re.error as err:
+                raise ConfigError(
+                    f"{self.field}.target_modules: {targets!r} is not a regular expression "
+                    f"({err}); escape a literal dot as '\\.', or give a list of layer names"
+                ) from None
         try:
             config = config_class(**options)
         except TypeError as err:
@@ -173,11 +194,15 @@ class BackboneAdaptation:
         except ValueError as err:
             raise ConfigError(f"{self.field}: {err}") from None
         names = [f"task_{t}" for t in range(num_tasks)] if self.mode == "per_task" else [SHARED]
+        tuner_class = _peft_tuner_class(self.method)
         for name in names:
             try:
-                inject_adapter_in_model(config, self.backbone, adapter_name=name)
+                # as peft.inject_adapter_in_model, which builds this tuner and drops it: the
+                # backbone keeps its class, and the tuner (a plain attribute of this object,
+                # not a submodule) can merge_and_unload the adapter for an export
+                self.tuner = tuner_class(self.backbone, config, adapter_name=name)
             except ValueError as err:
-                if "not found" not in str(err) and "Target modules" not in str(err):
+                if not peft_target_modules_missing(err):
                     raise ConfigError(f"{self.field}: {str(err).splitlines()[0]}") from None
                 raise ConfigError(
                     f"{self.field}.target_modules: no layer of the backbone matches {targets!r}; "
@@ -235,6 +260,23 @@ class BackboneAdaptation:
                     base.weight += layer.get_delta_weight(name).to(base.weight.dtype)
                     layer.reset_lora_parameters(name, init_lora_weights=True)
         self.merged = True
+        return True
+
+    @torch.no_grad()
+    def merge_and_unload(self) -> bool:
+        """Fold the peft adapter into the backbone's weights and put each adapted layer's
+        base layer back in its place (peft's own ``merge_and_unload``: LoRA, also over
+        ``nn.MultiheadAttention``, LoHa, LoKr, IA3), for an export. Returns whether anything
+        was merged; per-task adapters cannot be (each sample needs its task's)."""
+        if self.tuner is None:
+            return False
+        if len(self.adapter_names) > 1:
+            raise ConfigError(
+                f"{self.field}.adapters: per_task adapters need each sample's task id, which "
+                "an exported model does not take; export a model with adapters: shared"
+            )
+        self.tuner.merge_and_unload(safe_merge=True)
+        self.tuner, self.merged = None, True
         return True
 
     def unchanged_tensors(self) -> list[str]:

@@ -12,7 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import ExperienceAccuracy
 from mneme.app.models.base import Batch, ContinualModule
-from mneme.app.nn import hf_text  # noqa: F401 - registers the hf_text encoder type
+from mneme.app.models.prediction_rows import DEFAULT_TOP_K, class_rows
 from mneme.app.nn.losses import AlignmentLoss
 from mneme.app.nn.modalities import build_encoders
 from mneme.app.nn.retrieval import CrossModalRecall, class_embeddings
@@ -299,8 +299,32 @@ class ContrastiveAligner(ContinualModule):
 
     test_step = validation_step
 
-    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
-        return self(batch[self.input_key]).argmax(dim=1)
+    predict_top_k = DEFAULT_TOP_K  # set by PredictionWriter (--predictions.top_k)
+
+    def predict_step(
+        self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """One row per sample (``mneme predict``): ``embedding_<modality>`` (the normalized
+        embedding, a list of floats) for each modality of the batch the model encodes, and
+        the zero-shot class prediction of ``input_key`` over the class prompts
+        (``predicted``, ``top_classes``, ``top_probabilities``, ``label`` when known)."""
+        emb = self.embed(batch)
+        if not emb:
+            raise ConfigError(
+                f"data.predict_inputs: the inputs hold none of the model's modalities "
+                f"{list(self.encoders)}; predict on the stream, or give inputs of them"
+            )
+        n = len(next(iter(emb.values())))
+        rows: list[dict[str, Any]] = [{} for _ in range(n)]
+        for modality, vectors in emb.items():
+            for row, vector in zip(rows, vectors.detach().float().tolist(), strict=True):
+                row[f"embedding_{modality}"] = vector
+        if self.input_key in emb and getattr(self, "prompt_tokens", None) is not None:
+            scale = self._scale_for(self.input_key).exp()
+            logits = scale * self.zero_shot_logits(emb[self.input_key], self.class_embeddings())
+            for row, guess in zip(rows, class_rows(logits, self.predict_top_k, batch), strict=True):
+                row.update(guess)
+        return rows
 
     def _reset_eval_metrics(self) -> None:
         self._zero_shot_weights = None

@@ -16,7 +16,13 @@ from mneme.app.core.protocols import Batch, BatchTransform, LossTerm
 from mneme.app.core.schedule import current_experience, is_experience_start
 from mneme.app.finetuning.adaptation import freeze_norm_statistics
 from mneme.app.finetuning.param_groups import apply_lr_scale
-from mneme.app.models.run_definition import KEY, check_same_run, run_definition
+from mneme.app.models.run_definition import (
+    KEY,
+    VERSION,
+    changed_settings,
+    check_same_run,
+    run_definition,
+)
 from mneme.app.nn.weight_files import leave_out_unchanged, refill_unchanged
 from torch import Tensor, nn
 
@@ -157,15 +163,6 @@ class ContinualModule(LightningModule):
     def remove_batch_transform(self, name: str) -> None:
         self.batch_transforms.pop(name, None)
 
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """A flat dict of tensors (every Mneme stream's batch) moves key by key: Lightning's
-        default walks any nested collection (``apply_to_collection``), about 0.2 ms a step on
-        a CPU, a tenth of a small MLP's whole step. Anything else takes Lightning's path."""
-        if isinstance(batch, dict) and all(isinstance(v, Tensor) for v in batch.values()):
-            non_blocking = device.type not in ("cpu", "mps")  # Lightning's rule
-            return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         if self.idle:  # nothing trains: no forward, no loss (manual optimization, no step)
             return None
@@ -208,11 +205,28 @@ class ContinualModule(LightningModule):
         trainer = self._trainer
         if saved is None or trainer is None or trainer.datamodule is None:
             return  # written before runs were defined (mneme 0.1.0), or no stream to compare
-        current = run_definition(trainer)
+        current = run_definition(trainer, int(saved.get("version", VERSION)))  # as it recorded
         allowed = set(getattr(trainer.datamodule, "allow_resume_changes", ()))
         if trainer.state.fn != "fit":
-            allowed |= {"strategies", "epochs_per_experience"}
+            allowed |= {"strategies", "epochs_per_experience", "optimizer"}
         check_same_run(saved, current, allowed)
+        if trainer.state.fn == "fit" and "optimizer" in allowed:
+            # accepted: applied once Lightning has restored the saved optimizer over it
+            self._resumed_optimizer_settings = changed_settings(
+                saved.get("optimizer") or {}, current.get("optimizer") or {}
+            )
+
+    def on_train_start(self) -> None:
+        """An optimizer setting a resume changed (``data.allow_resume_changes: [optimizer]``)
+        is applied to the restored optimizer, whose saved groups hold the old values."""
+        settings = getattr(self, "_resumed_optimizer_settings", None) or {}
+        settings = {k: v for k, v in settings.items() if k != "class"}
+        for optimizer in self.trainer.optimizers if settings else ():
+            for group in optimizer.param_groups:
+                for key, value in settings.items():
+                    scale = group.get("lr_scale", 1.0) if key == "lr" else 1.0
+                    group[key] = value * scale if key == "lr" else value
+        self._resumed_optimizer_settings = None
 
     def total_loss(self, terms: dict[str, Tensor], batch: Batch, outputs: dict) -> Tensor:
         """Sum the module's own loss ``terms`` and the registered ``loss_terms``; log them."""

@@ -12,6 +12,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import ExperienceAccuracy
+from mneme.app.core.private_api import exclude_from_ddp_sync
 from mneme.app.core.schedule import (
     current_experience,
     is_experience_end,
@@ -20,19 +21,14 @@ from mneme.app.core.schedule import (
 from mneme.app.finetuning.adaptation import BackboneAdaptation, freeze_norm_statistics
 from mneme.app.finetuning.param_groups import layer_decay_param_groups
 from mneme.app.models.base import Batch, ContinualModule
-from mneme.app.nn.attacks import soft_cross_entropy
+from mneme.app.models.prediction_rows import DEFAULT_TOP_K, class_rows
 from mneme.app.nn.backbones import backbone_from_hparams
 from mneme.app.nn.encoders import feature_dim
-from mneme.app.nn.heads.moe import (
-    MoEHead,
-    add_balance_term,
-    build_moe_head,
-    is_moe,
-    moe_param_groups,
-)
-from mneme.app.nn.heads.prototypes import LINEAR, PrototypeHead, build_head
+from mneme.app.nn.heads.moe import MoEHead, add_balance_term, moe_param_groups
+from mneme.app.nn.heads.prototypes import LINEAR
+from mneme.app.nn.heads.registry import create_head
+from mneme.app.nn.soft_targets import soft_cross_entropy
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 # A batch key of soft targets (rows summing to 1 over num_classes), trained on instead of
 # ``label`` when present: see mneme.callbacks.training.augmentation.MixUp.
@@ -155,18 +151,16 @@ class ContinualClassifier(ContinualModule):
         freeze_norm_statistics(self.encoder)
         # All heads in one Linear: one matmul, then each sample picks its task's slice.
         width = feature_dim(self.encoder, input_shape)
-        moe = is_moe(hp.head)  # {name: moe}: routed expert MLPs instead (mneme.app.nn.heads.moe)
+        # The registry's head (mneme.app.nn.heads.registry): the linear layer, or routed
+        # expert MLPs (moe); a prototype head's statistics over the same slots (task *
+        # num_classes + label) next to the linear layer.
         slots = self.num_heads * num_classes
-        self.head = build_moe_head(hp.head, width, slots) if moe else nn.Linear(width, slots)
-        # Prototype statistics over the same slots: task * num_classes + label.
-        self.prototype_head: PrototypeHead | None = (
-            None if moe else build_head(hp.head, self.num_heads * num_classes, width)
-        )
+        self.head, self.prototype_head = create_head(hp.head, width, slots)
         if self.prototype_head is not None:
             # Equal on every process by construction (summed across them): DDP need not
             # broadcast them at each forward (a RanPAC Gram matrix is hundreds of MB).
             names = [f"prototype_head.{n}" for n, _ in self.prototype_head.named_buffers()]
-            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, names)
+            exclude_from_ddp_sync(self, names)
         self.register_buffer(
             "class_mask", torch.zeros(self.num_heads, num_classes, dtype=torch.bool)
         )
@@ -266,6 +260,11 @@ class ContinualClassifier(ContinualModule):
             first = is_experience_start(trainer)
             self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
         super().on_train_epoch_start()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if isinstance(self.head, MoEHead):  # experts made after DDP wrapped the model
+            self.head.average_outside_ddp()
+        super().on_before_optimizer_step(optimizer)
 
     def on_train_epoch_end(self) -> None:
         if is_experience_end(self.trainer):  # before the end-of-epoch checkpoint is written
@@ -371,11 +370,23 @@ class ContinualClassifier(ContinualModule):
         return terms, outputs
 
     # -- evaluation -----------------------------------------------------------------------
-    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
+    predict_top_k = DEFAULT_TOP_K  # set by PredictionWriter (--predictions.top_k)
+
+    def predicted_classes(self, batch: Batch) -> Tensor:
         return self(batch[self.input_key], batch["task"]).argmax(dim=1)
 
+    def predict_step(
+        self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """One row per sample (``mneme predict``): ``predicted``, ``top_classes`` and
+        ``top_probabilities``, ``label`` when known, ``task`` with one head per task."""
+        logits = self(batch[self.input_key], batch["task"])
+        return class_rows(logits, self.predict_top_k, batch, with_task=self.num_heads > 1)
+
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
+        self.experience_accuracy.update(
+            self.predicted_classes(batch), batch["label"], dataloader_idx
+        )
 
     test_step = validation_step
 

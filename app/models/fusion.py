@@ -54,18 +54,15 @@ from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import ExperienceAccuracy
 from mneme.app.core.schedule import current_experience, is_experience_end, is_experience_start
 from mneme.app.models.base import Batch, ContinualModule
-from mneme.app.nn.attacks import soft_cross_entropy
-from mneme.app.nn.heads.moe import (
-    MoEHead,
-    add_balance_term,
-    build_moe_head,
-    is_moe,
-    moe_param_groups,
-)
+from mneme.app.models.prediction_rows import DEFAULT_TOP_K, class_rows
+from mneme.app.nn.heads.moe import MoEHead, add_balance_term, moe_param_groups
+from mneme.app.nn.heads.registry import create_head, head_type
 from mneme.app.nn.modalities import LogMelAudio, OpenClipText, build_encoder
+from mneme.app.nn.soft_targets import soft_cross_entropy
 from torch import Tensor, nn
 
 FUSIONS = ("cross_attention", "late")
+FUSION_HEADS = ("linear", "routed")  # the registry's linear and MoE heads (no prototypes)
 SOFT_LABEL = "soft_label"  # as mneme.app.models.classifier: MixUp's soft targets
 DEFAULT_ENCODERS = {
     "audio": {"model": "mneme_cnn", "args": {"widths": [16, 32]}, "n_mels": 32, "hop_length": 128},
@@ -100,7 +97,7 @@ def _as_tokens(out: Tensor, over_time: bool) -> Tensor:
         return out.mean(dim=2).transpose(1, 2) if over_time else out.flatten(2).transpose(1, 2)
     if out.ndim == 3:
         return out
-    return out.reshape(len(out), 1, -1)
+    return out.flatten(1).unsqueeze(1)  # not len(out): an export keeps the batch dynamic
 
 
 def encoder_tokens(encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -225,9 +222,7 @@ class FusionClassifier(ContinualModule):
             )
         if depth < 1:
             raise ConfigError(f"model.depth: at least 1 cross-attention block, got {depth}")
-        head_name = dict(head or {}).get("name", "linear")
-        if head_name != "linear" and not is_moe(head):
-            raise ConfigError(f"model.head.name: linear or moe for a fusion, got {head_name!r}")
+        head_type(head, roles=FUSION_HEADS)  # a name of the head registry, its arguments
         if input_key is not None and input_key not in encoders:
             raise ConfigError(f"model.input_key: one of {sorted(encoders)}, got {input_key!r}")
         self.save_hyperparameters(ignore=["optimizer"], logger=False)
@@ -274,11 +269,7 @@ class FusionClassifier(ContinualModule):
             )
             width = dim * len(self.queries)
         self.norm = nn.LayerNorm(width)
-        self.head = (
-            build_moe_head(hp.head, width, num_classes)
-            if is_moe(hp.head)
-            else nn.Linear(width, num_classes)
-        )
+        self.head, _ = create_head(hp.head, width, num_classes, roles=FUSION_HEADS)
         self.register_buffer("class_mask", torch.zeros(num_classes, dtype=torch.bool))
 
     @torch.no_grad()
@@ -349,8 +340,11 @@ class FusionClassifier(ContinualModule):
     def logits(self, fused: Tensor) -> Tensor:
         """The head's logits, classes not seen yet masked."""
         logits = self.head(fused)
-        if self.hparams.mask_unseen_classes and bool(self.class_mask.any()):
-            logits = logits.masked_fill(~self.class_mask, torch.finfo(logits.dtype).min)
+        if self.hparams.mask_unseen_classes:
+            # no class seen yet: nothing masked (branch-free, so torch.export can trace it)
+            mask: Tensor = self.class_mask  # type: ignore[assignment]  (a registered buffer)
+            seen = torch.logical_or(mask, ~mask.any())
+            logits = logits.masked_fill(~seen, torch.finfo(logits.dtype).min)
         return logits
 
     def forward(self, inputs: Batch, task: Tensor | None = None) -> Tensor:
@@ -389,6 +383,11 @@ class FusionClassifier(ContinualModule):
             self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
         super().on_train_epoch_start()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if isinstance(self.head, MoEHead):  # experts made after DDP wrapped the model
+            self.head.average_outside_ddp()
+        super().on_before_optimizer_step(optimizer)
+
     def on_train_epoch_end(self) -> None:
         if isinstance(self.head, MoEHead) and is_experience_end(self.trainer):
             self.head.log_routing(self.trainer.loggers, current_experience(self.trainer))
@@ -407,10 +406,22 @@ class FusionClassifier(ContinualModule):
             self.head.restore(checkpoint.get("state_dict", {}), "head.")
 
     # -- evaluation -----------------------------------------------------------------------
-    def predict_step(self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0) -> Tensor:
-        return self(batch).argmax(dim=1)
+    predict_top_k = DEFAULT_TOP_K  # set by PredictionWriter (--predictions.top_k)
+
+    def predict_step(
+        self, batch: Batch, batch_idx: int = 0, dataloader_idx: int = 0
+    ) -> list[dict[str, Any]]:
+        """One row per sample, as the classifier's (``predicted``, ``top_classes``,
+        ``top_probabilities``, ``label`` when known)."""
+        missing = [m for m in self.modalities if m not in batch]
+        if missing:
+            raise ConfigError(
+                f"data.predict_inputs: the fusion model needs every modality "
+                f"{self.modalities}; the inputs lack {missing}: predict on the stream"
+            )
+        return class_rows(self(batch), self.predict_top_k, batch)
 
     def validation_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.experience_accuracy.update(self.predict_step(batch), batch["label"], dataloader_idx)
+        self.experience_accuracy.update(self(batch).argmax(dim=1), batch["label"], dataloader_idx)
 
     test_step = validation_step

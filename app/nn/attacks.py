@@ -9,11 +9,13 @@ there, and standardized again before the model sees it, so ``eps`` is in pixels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from mneme.app.core.errors import ConfigError
+from mneme.app.nn.soft_targets import soft_cross_entropy
 from torch import Tensor
 
 NORMS = ("linf", "l2")
@@ -21,13 +23,20 @@ NORMS = ("linf", "l2")
 
 def check_attack(who: str, eps: float, steps: int, step_size: float | None, norm: str) -> None:
     """One-line ``ConfigError`` naming the field of a bad attack setting."""
-    if eps < 0:
+    if not math.isfinite(eps) or eps < 0:
         raise ConfigError(f"{who}.eps: the perturbation budget must be >= 0, got {eps}")
+    if norm == "linf" and eps >= 1:
+        # pixels lie in [0, 1]: a budget of 1 or more may replace the whole image, so every
+        # prediction can be made wrong and the robust accuracy reads 0 whatever the model
+        raise ConfigError(
+            f"{who}.eps: an L-inf budget in [0, 1] pixel space must be below 1 (e.g. 8/255 "
+            f"= 0.031), got {eps}"
+        )
     if steps < 1:
         raise ConfigError(
             f"{who}.steps: at least 1 (1 with random_start false is FGSM), got {steps}"
         )
-    if step_size is not None and step_size <= 0:
+    if step_size is not None and (not math.isfinite(step_size) or step_size <= 0):
         raise ConfigError(f"{who}.step_size: must be > 0 (e.g. 2.5 * eps / steps), got {step_size}")
     if norm not in NORMS:
         raise ConfigError(f"{who}.norm: one of {list(NORMS)}, got '{norm}'")
@@ -109,14 +118,3 @@ def classification_loss(logits: Tensor, label: Tensor, soft_label: Tensor | None
     if soft_label is None:
         return F.cross_entropy(logits, label)
     return soft_cross_entropy(logits, soft_label)
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy with soft targets; classes whose logits are masked (the dtype's minimum,
-    unseen classes) get no target mass, the rest renormalised (label smoothing would
-    otherwise put mass on a class the model cannot predict and make the loss explode)."""
-    available = logits > torch.finfo(logits.dtype).min
-    target = target.to(logits.dtype) * available
-    target = target / target.sum(dim=1, keepdim=True).clamp_min(1e-12)
-    log_p = F.log_softmax(logits, dim=1).masked_fill(~available, 0.0)
-    return -(target * log_p).sum(dim=1).mean()

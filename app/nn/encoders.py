@@ -16,7 +16,7 @@ from typing import Any
 import timm
 import torch
 from mneme.app.core.errors import ConfigError
-from mneme.app.nn.backbones import match_state, read_state_dict, resolve_weights_path
+from mneme.app.nn.weight_files import match_state, read_state_dict, resolve_weights_path
 from timm.models import register_model
 from torch import Tensor, nn
 

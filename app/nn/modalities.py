@@ -50,6 +50,24 @@ if "mneme-tiny-clip" not in open_clip.list_models():
 DEFAULT_TYPES = {"image": "timm", "text": "open_clip_text", "audio": "log_mel"}
 # Encoder types by name (``type:`` in a config): open, so a new modality is one new file.
 ENCODER_TYPES: dict[str, Callable[..., nn.Module]] = {}
+# Mneme's encoder types defined in modules of their own (heavy imports: transformers), by
+# name -> the module whose import registers them: resolved when a config names them, so
+# that a type never depends on which other module happened to be imported first.
+BUILTIN_MODULES = {"hf_text": "mneme.app.nn.hf_text"}
+
+
+def encoder_class(name: Any, field: str = "model.encoders") -> Callable[..., nn.Module]:
+    """The class registered as encoder type ``name`` (importing the Mneme module that
+    defines it, if it is one of :data:`BUILTIN_MODULES`)."""
+    given, name = name, name if isinstance(name, str) else None
+    if name not in ENCODER_TYPES and name in BUILTIN_MODULES:
+        import importlib
+
+        importlib.import_module(BUILTIN_MODULES[name])
+    if name is None or name not in ENCODER_TYPES:
+        known = sorted({*ENCODER_TYPES, *BUILTIN_MODULES})
+        raise ConfigError(f"{field}.type: one of {known}, got {given!r}")
+    return ENCODER_TYPES[name]
 
 
 def encoder_type(name: str) -> Callable[[type], type]:
@@ -328,6 +346,36 @@ class LogMelAudio(nn.Module):
         return self.backbone(self.feature_transform(self.frontend(wave)))
 
 
+def field_front_end(
+    input_key: str | None,
+    input_shape: Sequence[int],
+    model: str,
+    args: dict[str, Any] | None = None,
+    weights: str | None = None,
+    image_only: dict[str, Any] | None = None,
+) -> nn.Module | None:
+    """The encoder of a module that names one timm ``model`` (the few-shot modules), when
+    its field ``input_key`` is a modality whose default encoder is not a plain timm model
+    over the samples: ``audio`` goes through the log-mel front end (:class:`LogMelAudio`),
+    as the aligner's audio tower does. ``None`` for image-like fields (the caller builds
+    its timm backbone). ``image_only``: settings (``{field: value}``) that apply only to
+    image backbones, refused when set for a waveform."""
+    if DEFAULT_TYPES.get(input_key or "") != "log_mel":
+        return None
+    for name, value in (image_only or {}).items():
+        if value not in (None, False):
+            raise ConfigError(
+                f"{name}: '{input_key}' samples go through the log-mel front end and a timm "
+                "model over the spectrogram; an image setting does not apply: remove it"
+            )
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"model.input_key: '{input_key}' samples are read as waveforms (T,) through the "
+            f"log-mel front end, the stream's are {tuple(input_shape)}; name another field"
+        )
+    return LogMelAudio(input_shape, model=model, args=args, weights=weights)
+
+
 # -- the registry and the shared projection ---------------------------------------------------
 PROJECTIONS = ("linear", "none")
 
@@ -365,12 +413,10 @@ def build_encoder(
     field = f"model.encoders.{modality}"
     spec = dict(spec)
     kind = spec.pop("type", DEFAULT_TYPES.get(modality))
-    if kind not in ENCODER_TYPES:
-        raise ConfigError(f"{field}.type: one of {sorted(ENCODER_TYPES)}, got {kind!r}")
+    cls = encoder_class(kind, field)
     projection = spec.pop("projection", "linear")
     if projection not in PROJECTIONS:
         raise ConfigError(f"{field}.projection: one of {PROJECTIONS}, got {projection!r}")
-    cls = ENCODER_TYPES[kind]
     try:
         inspect.signature(cls).bind(input_shape, **spec)
     except TypeError as err:

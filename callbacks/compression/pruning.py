@@ -336,6 +336,17 @@ class Pruning(ExperienceCallback):
         out["prune/sparsity"] = zeros / max(sum(m.weight.numel() for m in layers.values()), 1)
         return out
 
+    def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """The sparsity the run ends with, printed under the accuracy matrix
+        (``ContinualMetrics``; the same figures as the ``prune/*`` scalars)."""
+        if not self.steps_done:
+            return []
+        report = {n.removeprefix("prune/"): v for n, v in self.report(pl_module).items()}
+        overall = report.pop("heads" if self.method == "heads" else "sparsity")
+        what = "of the attention heads pruned" if self.method == "heads" else "sparsity"
+        layers = ", ".join(f"{name} {value:.2f}" for name, value in report.items())
+        return [f"Pruning ({self.method}): {what} {overall:.2f} (per layer: {layers})"]
+
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require(pl_module, Prunable, "Pruning")
@@ -379,7 +390,11 @@ class Pruning(ExperienceCallback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # torch prune's `weight_orig` + `weight_mask` become the plain `weight` (equal to
-        # weight_orig, see _zero_pruned); the masks travel in this callback's state.
+        # weight_orig, see _zero_pruned); the masks travel in this callback's state. This is
+        # what Lightning's ModelPruning writes (its `_make_pruning_permanent_on_state_dict`,
+        # private, over every `_mask` key); neither torch nor Lightning has a public call
+        # for a permanent *copy* of a pruned state dict, and `prune.remove` (the public
+        # permanence, used at fit end and by `mneme export`) would end the pruning in place.
         state = checkpoint.get("state_dict")
         if state is None:
             return

@@ -23,6 +23,7 @@ from mneme.app.compress.quantize import (
 )
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import summarize
+from mneme.app.core.private_api import shell_with_copied_children
 from mneme.app.core.protocols import ZeroShotClassifier, require
 from mneme.app.nn.retrieval import CrossModalRecall
 from mneme.callbacks.base import ExperienceCallback
@@ -156,12 +157,9 @@ class Quantization(ExperienceCallback):
         """The module's int8 copy: a shallow copy of the module (its trainer, hooks and
         registered extension points shared, never called) whose submodules are deep copies,
         quantized in place; the module itself is untouched."""
-        shell = copy.copy(pl_module)
         # Deep copies of the submodules, pruning masks and all (made permanent in the copy).
         detach_pruned_weights(pl_module)
-        shell._modules = {k: copy.deepcopy(v) for k, v in pl_module._modules.items()}
-        shell._parameters = dict(pl_module._parameters)
-        shell._buffers = dict(pl_module._buffers)
+        shell = shell_with_copied_children(pl_module, copy.deepcopy)
         calibration = None
         if self.mode == "ptq_static":
             calibration = self._calibration(trainer, pl_module, experience)
@@ -265,6 +263,15 @@ class Quantization(ExperienceCallback):
         if self.retrieval:
             out["retrieval"] = self.retrieval
         return out
+
+    def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """The int8 copy's accuracy matrix, printed under the float one
+        (``ContinualMetrics``; the ``quantized`` part of quantized_metrics.json)."""
+        from mneme.callbacks.reporting.continual_metrics import format_matrix
+
+        title = f"Int8 accuracy matrix ({self.mode}; row: after training experience k)"
+        summary = _summary(self.quantized_rows)
+        return format_matrix(title, self.quantized_rows, self.experiences, summary)
 
     @rank_zero_only
     def _write(self, trainer: Trainer, summary: dict[str, Any]) -> None:

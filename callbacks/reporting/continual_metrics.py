@@ -3,25 +3,31 @@
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import sys
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from mneme.app.core.metrics import summarize
+from mneme.app.core.metrics import summarize, summarize_perplexity
 from mneme.app.core.schedule import current_experience, is_experience_end
+from mneme.callbacks.base import affects_training
+from mneme.callbacks.reporting.cli_config import cli_callback_arguments
 from mneme.callbacks.reporting.cost import ExperienceCost, format_cost
+from mneme.callbacks.run_context import write_json
 
 SUMMARY_KEYS = ("average_accuracy", "forgetting", "bwt", "fwt", "average_incremental_accuracy")
 # MTIL figures (ZSCL), only for zero-shot models; zero_shot_transfer is their reference.
 MTIL_KEYS = ("mtil_transfer", "mtil_average", "mtil_last", "zero_shot_transfer")
+# Perplexity figures (lower is better), for modules with ``experience_perplexity`` (ContinualLM).
+PERPLEXITY_KEYS = (
+    "average_perplexity", "perplexity_forgetting", "perplexity_bwt", "general_perplexity_rise"
+)  # fmt: skip
 # The HParams tab's metrics: the final summary, under tags of their own (one point, at the
 # last experience) so that they never mix with the per-experience `continual/*` series.
 FINAL_PREFIX = "final/"
@@ -49,8 +55,10 @@ class ContinualMetrics(Callback):
     module's ``validation_step``/``test_step`` update per test experience, synced across
     ranks). Before training it evaluates the untrained model once: that row is the baseline
     of forward transfer (for a zero-shot model, the zero-shot row of the MTIL figures). At
-    each experience end it logs to TensorBoard a scalar per test experience
-    (``continual/acc_exp<j>``, step = experience), the summary scalars, a heatmap of the
+    each experience end it logs to TensorBoard a scalar per test experience trained so far
+    (``continual/acc_exp<j>``, step = experience ``k >= j``), the summary scalars, a custom
+    scalars layout of them (the Custom Scalars tab: one chart of every experience's
+    accuracy, one of the summary), a heatmap of the
     matrix and the table as text, and writes ``<log_dir>/continual_metrics.json``; at the end
     of ``fit`` and ``test`` it prints the table. ``test`` writes ``<log_dir>/test_metrics.json``.
 
@@ -79,19 +87,27 @@ class ContinualMetrics(Callback):
         self.print_table = print_table
         self.rows: list[list[float]] = []
         self.baseline: list[float] | None = None
+        # Row k of the perplexity matrix, beside ``rows``, when the module reports perplexity.
+        self.perplexity_rows: list[list[float]] = []
         self.zero_shot = False
         self.run_config: dict[str, Any] = {}
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": self.rows, "baseline": self.baseline}
+        return {
+            "rows": self.rows, "baseline": self.baseline, "perplexity_rows": self.perplexity_rows
+        }  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [list(row) for row in state_dict["rows"]]
         self.baseline = state_dict["baseline"]
+        self.perplexity_rows = [list(row) for row in state_dict.get("perplexity_rows", [])]
 
     def summary(self) -> dict[str, Any]:
-        return summarize(self.rows, self.baseline, zero_shot=self.zero_shot)
+        summary = summarize(self.rows, self.baseline, zero_shot=self.zero_shot)
+        if self.perplexity_rows:  # a language model's (ContinualLM): lower is better
+            summary.update(summarize_perplexity(self.perplexity_rows))
+        return summary
 
     # -- hooks ----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -104,9 +120,11 @@ class ContinualMetrics(Callback):
                 # What `hparams.yaml` holds; the logger writes it at its first save, right
                 # after this hook, and never rewrites it.
                 logger.hparams.update(self.run_config)
+                _add_layout(logger)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         accuracy = _compute_and_reset(pl_module)
+        perplexity = _compute_and_reset(pl_module, "experience_perplexity")
         if trainer.sanity_checking:
             # The untrained model's row, the baseline of forward transfer: Lightning's own
             # validation pass before training (num_sanity_val_steps=-1, which
@@ -117,18 +135,26 @@ class ContinualMetrics(Callback):
             return
         # Already synced by the metric; sync_dist only tells Lightning so (no warning).
         pl_module.log_dict({f"val/acc_exp{j}": a for j, a in enumerate(accuracy)}, sync_dist=True)
+        if perplexity is not None:
+            ppl = {f"val/ppl_exp{j}": p for j, p in enumerate(perplexity)}
+            pl_module.log_dict(ppl, sync_dist=True)
         if trainer.state.fn != TrainerFn.FITTING:  # `mneme validate`
-            self._report(trainer, "validation", accuracy)
+            self._report(trainer, "validation", accuracy, perplexity)
             return
         if not is_experience_end(trainer):
             return
         k = current_experience(trainer)
         del self.rows[k:]
         self.rows.append(accuracy)
+        if perplexity is not None:
+            del self.perplexity_rows[k:]
+            self.perplexity_rows.append(perplexity)
         self._log_experience(trainer, k)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._report(trainer, "test", _compute_and_reset(pl_module))
+        accuracy = _compute_and_reset(pl_module)
+        perplexity = _compute_and_reset(pl_module, "experience_perplexity")
+        self._report(trainer, "test", accuracy, perplexity)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.rows:
@@ -143,8 +169,14 @@ class ContinualMetrics(Callback):
             else:  # CSV, MLflow, W&B, ... take the parameters alone
                 logger.log_hyperparams(self.run_config)
                 logger.log_metrics(final, step=step)
+        # The JSON again: the last experience's checkpoint file exists only now.
+        if (cost := cost_callback(trainer)) is not None:
+            cost.record_checkpoint_files(trainer)
+        write_json(trainer, "continual_metrics.json", {
+            **self._progress(trainer), **summary, **_cost_payload(trainer),
+        })  # fmt: skip
         if self.print_table:
-            _print(self._table_text(trainer, summary))
+            _print(self._table_text(trainer, summary, results_lines(trainer, pl_module)))
         total = trainer.datamodule.num_experiences if trainer.datamodule else len(self.rows)
         if len(self.rows) < total:
             _print(
@@ -167,7 +199,7 @@ class ContinualMetrics(Callback):
         payload = self.summary() if self.rows else {"accuracy_matrix": []}
         payload.update(_cost_payload(trainer))
         log_dir = trainer.loggers[0].log_dir if trainer.loggers else None
-        _write_json(trainer, "continual_metrics.json", {
+        write_json(trainer, "continual_metrics.json", {
             **self._progress(trainer), "stopped_by": stopped_by, **payload,
         }, log_dir=log_dir or trainer.default_root_dir)  # fmt: skip
 
@@ -182,34 +214,91 @@ class ContinualMetrics(Callback):
     # -- output ---------------------------------------------------------------------------
     def _log_experience(self, trainer: Trainer, k: int) -> None:
         summary = self.summary()
-        scalars = {f"continual/acc_exp{j}": a for j, a in enumerate(self.rows[k])}
+        # Test experience j's series starts at the experience that trained it (its accuracy
+        # and forgetting curve): the entries before are the untrained model's (zeros in a
+        # class-incremental stream, in the matrix and its heatmap), and a series of zeros
+        # ending at 0.93 is one that TensorBoard's "ignore outliers" scaling cuts at 0.45.
+        scalars = {f"continual/acc_exp{j}": a for j, a in enumerate(self.rows[k]) if j <= k}
         scalars.update({f"continual/{key}": summary[key] for key in figure_keys(summary)})
         scalars = {key: value for key, value in scalars.items() if value is not None}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=k)
             if isinstance(logger, TensorBoardLogger):
                 _add_heatmap(logger, self.rows, k)
+                if self.perplexity_rows:
+                    _add_heatmap(logger, self.perplexity_rows, k, "perplexity")
                 _add_table(logger, self._table_text(trainer, summary), k)
-        _write_json(trainer, "continual_metrics.json", {
+        write_json(trainer, "continual_metrics.json", {
             **self._progress(trainer), **summary, **_cost_payload(trainer),
         })  # fmt: skip
 
-    def _table_text(self, trainer: Trainer, summary: dict[str, Any]) -> str:
-        """The accuracy table, and the cost table after it when the run measures cost."""
-        text = format_summary(summary)
+    def _table_text(
+        self, trainer: Trainer, summary: dict[str, Any], results: Sequence[str] = ()
+    ) -> str:
+        """The accuracy table, the other callbacks' ``results`` lines under it, and the cost
+        table after them when the run measures cost."""
+        text = "\n".join([format_summary(summary), *results])
         rows = _cost_payload(trainer).get("cost")
         return f"{text}\n{format_cost(rows)}" if rows else text
 
-    def _report(self, trainer: Trainer, stage: str, accuracy: list[float]) -> None:
+    def _report(
+        self, trainer: Trainer, stage: str, accuracy: list[float], perplexity: list | None = None
+    ) -> None:
         seen = [a for a in accuracy if not math.isnan(a)]
         result = {
             "accuracy": [None if math.isnan(a) else a for a in accuracy],
             "average_accuracy": sum(seen) / len(seen) if seen else None,
             "ckpt_path": trainer.ckpt_path,
         }
-        _write_json(trainer, f"{stage}_metrics.json", result)
+        if perplexity is not None:
+            result["perplexity"] = [None if math.isnan(p) else p for p in perplexity]
+        write_json(trainer, f"{stage}_metrics.json", result)
         if self.print_table:
             _print(format_stage(stage, accuracy, result["average_accuracy"]))
+            if perplexity is not None:
+                table = _table([perplexity], [stage], "", "9.2f")
+                _print("\n".join(["Perplexity (column: test experience j)", *table]))
+
+
+class ReportsResults(Protocol):
+    """A callback whose results a config exists for, printed under the accuracy matrix at
+    the end of a ``fit`` (the pruned sparsity, the int8 matrix of QAT, the robust matrix,
+    MMD's next-domain accuracy): ``ContinualMetrics`` calls ``report_lines`` on every
+    callback of the trainer that has it."""
+
+    def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]: ...
+
+
+def results_lines(trainer: Trainer, pl_module: LightningModule) -> list[str]:
+    """The ``report_lines`` of the trainer's callbacks (:class:`ReportsResults`), in their
+    order; a callback with nothing to say returns none."""
+    lines: list[str] = []
+    for callback in trainer.callbacks:
+        report = getattr(callback, "report_lines", None)
+        if callable(report):
+            lines += report(trainer, pl_module)
+    return lines
+
+
+def continual_metrics(trainer: Trainer) -> ContinualMetrics | None:
+    """The run's accuracy matrix keeper: the first ``ContinualMetrics`` of the trainer."""
+    return next((c for c in trainer.callbacks if isinstance(c, ContinualMetrics)), None)
+
+
+def format_matrix(title: str, rows: list[list[float]], labels: Sequence[Any] | None = None,
+                  summary: dict[str, Any] | None = None) -> list[str]:  # fmt: skip
+    """Another accuracy matrix (int8, robust) as the printed one: ``title``, a row per
+    experience (``labels``: the experiences the rows were measured after, default 0..),
+    and the summary figures it has below."""
+    if not rows:
+        return []
+    labels = [str(k) for k in (range(len(rows)) if labels is None else labels)]
+    lines = [title, *_table(rows, labels, "after exp")]
+    summary = summary or {}
+    keys = [k for k in ("average_accuracy", "forgetting", "bwt") if summary.get(k) is not None]
+    if keys:
+        lines.append(_figures(summary, keys))
+    return lines
 
 
 def cost_callback(trainer: Trainer) -> ExperienceCost | None:
@@ -223,8 +312,12 @@ def _cost_payload(trainer: Trainer) -> dict[str, Any]:
     return {} if cost is None else {"cost": [dict(row) for row in cost.rows]}
 
 
-def _compute_and_reset(pl_module: LightningModule) -> list[float]:
-    metric = pl_module.experience_accuracy
+def _compute_and_reset(pl_module: LightningModule, name: str = "experience_accuracy"):
+    """The module's per-experience metric ``name`` as a list, reset; ``None`` when the
+    module has none (only language models report ``experience_perplexity``)."""
+    metric = getattr(pl_module, name, None)
+    if metric is None:
+        return None
     # torchmetrics squeezes a one-element result to a scalar: a stream of one experience
     values = torch.atleast_1d(metric.compute()).tolist()
     metric.reset()
@@ -233,14 +326,15 @@ def _compute_and_reset(pl_module: LightningModule) -> list[float]:
 
 def figure_keys(summary: dict[str, Any]) -> list[str]:
     """The summary's scalar figures, in the order they are printed and logged."""
-    return [key for key in (*SUMMARY_KEYS, *MTIL_KEYS) if key in summary]
+    return [key for key in (*SUMMARY_KEYS, *MTIL_KEYS, *PERPLEXITY_KEYS) if key in summary]
 
 
-def _table(rows: list[list[float]], labels: list[str], corner: str) -> list[str]:
-    header = f"{corner:>9} | " + " ".join(f"exp{j:<4d}" for j in range(len(rows[0])))
+def _table(rows: list[list[float]], labels: list[str], corner: str, cell: str = "7.3f"):
+    width = int(cell.split(".")[0])
+    header = f"{corner:>9} | " + " ".join(f"{f'exp{j}':<{width}}" for j in range(len(rows[0])))
     lines = [header, "-" * len(header)]
     lines += [
-        f"{label:>9} | " + " ".join(f"{a:7.3f}" for a in row)
+        f"{label:>9} | " + " ".join(f"{a:{cell}}" for a in row)
         for label, row in zip(labels, rows, strict=True)
     ]
     return lines
@@ -270,6 +364,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(_figures(summary, ("average_incremental_accuracy",)))
     if mtil:
         lines.append("MTIL (ZSCL): " + _figures(summary, MTIL_KEYS))
+    if "perplexity_matrix" in summary:  # lower is better; see mneme.app.core.metrics
+        matrix = summary["perplexity_matrix"]
+        lines.append("Perplexity matrix (row: after training experience k; column: test "
+                     "experience j; lower is better)")  # fmt: skip
+        lines += _table(matrix, [str(k) for k in range(len(matrix))], "after exp", "9.2f")
+        lines.append(_figures(summary, PERPLEXITY_KEYS))
     return "\n".join(lines)
 
 
@@ -290,43 +390,67 @@ def is_zero_shot(pl_module: LightningModule) -> bool:
 
 # -- the run configuration, as hyperparameters ----------------------------------------------
 def run_config(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-    """What tells one run from another. One line each, the arguments that differ from their
-    defaults: ``Callbacks`` (``"Replay(buffer_size=200)"``, ``"none"``), ``Data``, ``Model``,
-    ``Optimizer``, and ``Seed`` (capitalized: they sort first, and the HParams tab shows its
-    first five columns); then nested, every argument (loggers flatten them with ``/``):
-    ``model`` (class and hyperparameters), ``optimizer`` (class and arguments), ``callbacks``
-    (each callback's ``__init__`` arguments, by class) and ``data`` (the datamodule's
-    hyperparameters). The trainer's bookkeeping callbacks (progress bar, checkpoints,
-    summaries, the cost meter, this one) are left out."""
+    """What tells one run from another. Short names first (capitalized: they sort first, and
+    the HParams tab shows its first five columns, each cut at about 15 characters):
+    ``Callbacks`` (class names, ``"Replay"``, ``"none"``), ``Data`` (the benchmark's name),
+    ``Model`` (the encoder's name, else the class), ``Optimizer`` (class and learning rate)
+    and ``Seed`` (as text: a label, which the tab would print as ``0.0000``); then nested,
+    the long forms: ``described/<Name>``, the
+    one-line call with every argument that differs from its default
+    (``"Replay(buffer_size=200, policy='class_balanced')"``), and every argument (loggers
+    flatten them with ``/``): ``model`` (class and hyperparameters), ``optimizer`` (class
+    and arguments), ``callbacks`` (each callback's ``__init__`` arguments, by class) and
+    ``data`` (the datamodule's hyperparameters). The trainer's bookkeeping callbacks
+    (progress bar and lines, checkpoints, summaries, the cost meter, this one) are left
+    out."""
     overview: dict[str, Any] = {}
+    described: dict[str, str] = {}
     config: dict[str, Any] = {}
     callbacks: dict[str, Any] = {}
-    described = []
+    calls, names = [], []
+    from_cli = cli_callback_arguments(trainer)  # LightningCLI's parsed config, when it ran
     for callback in trainer.callbacks:
-        if _is_bookkeeping(callback):
+        if not affects_training(callback):  # a dashboard or bookkeeping: not the run
             continue
         name = type(callback).__name__
         key = name if name not in callbacks else f"{name}_{len(callbacks)}"
-        callbacks[key] = _init_arguments(callback)
-        described.append(_call(name, _changed(type(callback), callbacks[key])))
-    overview["Callbacks"] = ", ".join(described) or "none"
+        parsed = from_cli(callback)
+        callbacks[key] = _plain(parsed) if parsed is not None else _init_arguments(callback)
+        calls.append(_call(name, _changed(type(callback), callbacks[key])))
+        names.append(name)
+    overview["Callbacks"] = ", ".join(names) or "none"
+    described["Callbacks"] = ", ".join(calls) or "none"
     config["callbacks"] = callbacks
     if trainer.datamodule is not None:
-        config["data"] = _module_config(trainer.datamodule)
-        overview["Data"] = _call(
-            type(trainer.datamodule).__name__, _changed(type(trainer.datamodule), config["data"])
+        data = config["data"] = _module_config(trainer.datamodule)
+        described["Data"] = _call(
+            type(trainer.datamodule).__name__, _changed(type(trainer.datamodule), data)
+        )
+        benchmark = data.get("benchmark")
+        overview["Data"] = (
+            str(benchmark).rsplit(".", 1)[-1] if benchmark else type(trainer.datamodule).__name__
         )
     config["model"] = _module_config(pl_module)
-    overview["Model"] = _call(type(pl_module).__name__, _changed(type(pl_module), config["model"]))
+    described["Model"] = _call(type(pl_module).__name__, _changed(type(pl_module), config["model"]))
+    overview["Model"] = _short_model(type(pl_module).__name__, config["model"])
     for i, optimizer in enumerate(trainer.optimizers):
         key = "optimizer" if i == 0 else f"optimizer{i}"
         config[key] = _optimizer_config(optimizer)
-        overview[key.capitalize()] = _call(
+        described[key.capitalize()] = _call(
             type(optimizer).__name__, _changed(type(optimizer), config[key])
         )
+        lr = {"lr": config[key]["lr"]} if "lr" in config[key] else {}
+        overview[key.capitalize()] = _call(type(optimizer).__name__, lr)
     if "PL_GLOBAL_SEED" in os.environ:  # what seed_everything set
-        overview["Seed"] = int(os.environ["PL_GLOBAL_SEED"])
-    return {**overview, **config}
+        overview["Seed"] = str(int(os.environ["PL_GLOBAL_SEED"]))
+    return {**overview, "described": described, **config}
+
+
+def _short_model(name: str, config: dict[str, Any]) -> str:
+    """What the HParams tab shows whole (about 15 characters): the encoder's name
+    (``mneme_mlp``, a timm name), else the module's class."""
+    encoder = config.get("encoder")
+    return encoder if isinstance(encoder, str) and encoder else name
 
 
 def _call(name: str, arguments: dict[str, Any]) -> str:
@@ -389,17 +513,6 @@ def _changed(cls: type, arguments: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _is_bookkeeping(callback: Callback) -> bool:
-    from lightning.pytorch.callbacks import Checkpoint, ModelSummary, ProgressBar
-    from lightning.pytorch.cli import SaveConfigCallback
-    from mneme.callbacks.runtime.cpu_threads import AutoCpuThreads
-    from mneme.callbacks.runtime.finite_loss import FiniteLossGuard
-
-    kinds = (Checkpoint, ModelSummary, ProgressBar, SaveConfigCallback, FiniteLossGuard,
-             AutoCpuThreads)  # fmt: skip
-    return isinstance(callback, (*kinds, ContinualMetrics, ExperienceCost))
-
-
 def _plain(value: Any) -> Any:
     """A value as YAML and TensorBoard take it: scalars, lists and dicts of them, else text."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -418,18 +531,6 @@ def _print(text: str) -> None:
     print(text, flush=True)
 
 
-def _write_json(
-    trainer: Trainer, name: str, payload: dict[str, Any], log_dir: str | None = None
-) -> None:
-    """Write ``payload`` as ``<log_dir>/name`` on rank 0; without ``log_dir``, the trainer's
-    (on every rank: under DDP, ``trainer.log_dir`` is a collective broadcast)."""
-    log_dir = log_dir or trainer.log_dir
-    if log_dir is not None and trainer.is_global_zero:
-        path = Path(log_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2, allow_nan=False))
-
-
 @rank_zero_only
 def _add_table(logger: TensorBoardLogger, table: str, step: int) -> None:
     """The printed table in the Text tab (monospace: a Markdown code block): exact values,
@@ -437,8 +538,31 @@ def _add_table(logger: TensorBoardLogger, table: str, step: int) -> None:
     logger.experiment.add_text("continual/table", "    " + table.replace("\n", "\n    "), step)
 
 
+# The Custom Scalars tab: every test experience's accuracy in one chart (a value no
+# neighbour's outlier scaling can hide), and the summary figures in another.
+LAYOUT = {
+    "continual": {
+        "accuracy on each test experience (after experience k)": [
+            "Multiline",
+            [r"continual/acc_exp\d+$"],
+        ],
+        "summary": [
+            "Multiline",
+            [f"continual/{key}$" for key in ("average_accuracy", "forgetting", "bwt", "fwt")],
+        ],
+    }
+}
+
+
 @rank_zero_only
-def _add_heatmap(logger: TensorBoardLogger, rows: list[list[float]], step: int) -> None:
+def _add_layout(logger: TensorBoardLogger) -> None:
+    logger.experiment.add_custom_scalars(LAYOUT)
+
+
+@rank_zero_only
+def _add_heatmap(
+    logger: TensorBoardLogger, rows: list[list[float]], step: int, name: str = "accuracy"
+) -> None:
     """The matrix as an image, every row of the stream (rows not trained yet blank), values in
     text that contrasts with each cell's color, legible at TensorBoard's default size."""
     import matplotlib
@@ -457,24 +581,32 @@ def _add_heatmap(logger: TensorBoardLogger, rows: list[list[float]], step: int) 
     fontsize, labelsize = 21.0 * cell, 2.4 * width
     fig, ax = plt.subplots(figsize=(width, 1.0 + cell * columns), dpi=100)
     cmap = plt.get_cmap("viridis")
-    image = ax.imshow(np.ma.masked_invalid(grid), vmin=0.0, vmax=1.0, cmap=cmap)
+    # Perplexity has no fixed range: its colors span the matrix's own values, reversed so
+    # that bright is good for both metrics.
+    low, high = (0.0, 1.0) if name == "accuracy" else (np.nanmin(grid), np.nanmax(grid))
+    high = high if high > low else low + 1.0
+    if name != "accuracy":
+        cmap = cmap.reversed()
+    image = ax.imshow(np.ma.masked_invalid(grid), vmin=low, vmax=high, cmap=cmap)
     ax.set_facecolor("#eeeeee")  # rows not trained yet
     for k, row in enumerate(rows):
         for j, a in enumerate(row):
             if math.isnan(a):
                 continue
-            red, green, blue, _ = cmap(a)
+            red, green, blue, _ = cmap((a - low) / (high - low))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
-            ax.text(j, k, f"{a:.2f}", ha="center", va="center", fontsize=fontsize,
+            label = f"{a:.2f}" if a < 1000 else f"{a:.0f}"
+            ax.text(j, k, label, ha="center", va="center", fontsize=fontsize,
                     fontweight="bold", color="white" if dark else "black")  # fmt: skip
     ax.set_xticks(range(columns))
     ax.set_yticks(range(columns))
     ax.tick_params(labelsize=labelsize)
     ax.set_xlabel("test experience j", fontsize=labelsize)
     ax.set_ylabel("after experience k", fontsize=labelsize)
-    ax.set_title(f"accuracy, after experience {step}", fontsize=labelsize)
-    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, ticks=[0, 0.5, 1])
+    ax.set_title(f"{name}, after experience {step}", fontsize=labelsize)
+    ticks = [0, 0.5, 1] if name == "accuracy" else None
+    bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, ticks=ticks)
     bar.ax.tick_params(labelsize=labelsize)
     fig.tight_layout(pad=0.3)
-    logger.experiment.add_figure("continual/accuracy_matrix", fig, global_step=step)
+    logger.experiment.add_figure(f"continual/{name}_matrix", fig, global_step=step)
     plt.close(fig)

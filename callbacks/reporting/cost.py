@@ -1,9 +1,12 @@
-"""What each experience of a run costs: parameters, training time, peak memory, checkpoint size."""
+"""What each experience of a run costs: parameters, training time, peak memory, the size of
+its weights and of its checkpoint file."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.schedule import current_experience, is_experience_end, is_experience_start
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: weights_bytes was named checkpoint_bytes, no checkpoint_file_bytes
 # One row per experience, in this order (the JSON's ``cost`` list and the printed table).
 COST_FIELDS = (
     "experience",
@@ -21,7 +24,8 @@ COST_FIELDS = (
     "train_seconds",
     "peak_memory_bytes",
     "peak_memory_kind",
-    "checkpoint_bytes",
+    "weights_bytes",
+    "checkpoint_file_bytes",
 )
 MB = 2**20  # the ``*_mb`` scalars and the printed table are in MiB
 
@@ -46,19 +50,24 @@ class ExperienceCost(Callback):
       row to the next, and counts neither data-loader workers nor other processes.
       Both are read when the experience's training ends, so they include any validation
       inside the experience (``data.validate_each_epoch``) but not the one at its end.
-    - ``checkpoint_bytes``: the bytes the model's weights take in a checkpoint: the size of
+    - ``weights_bytes``: the bytes the model's weights take in a checkpoint: the size of
       ``torch.save`` of the module's ``state_dict()`` as its own ``on_save_checkpoint``
       leaves it (a module may drop tensors there, e.g. a frozen pretrained backbone that a
-      load rebuilds from its source), measured without writing a file or holding a copy.
-      The optimizer state and the callback states a full checkpoint adds are not counted;
-      ``None`` with ``checkpoint_size=False``.
+      load rebuilds from its source), measured without writing a file or holding a copy:
+      what deploying the model takes. ``None`` with ``checkpoint_size=False``.
+    - ``checkpoint_file_bytes``: the size on disk (``os.path.getsize``) of the checkpoint
+      file saved at the experience's end (``experience=<k>.ckpt`` of the trainer's
+      checkpoint callback, or ``last.ckpt`` while it holds that save): the weights plus the
+      optimizer state, the callbacks' states (a replay buffer, a teacher, Fisher
+      information) and the loops'. Read once the file is written (at the next epoch's
+      start, or the fit's end); ``None`` when the run saves no such file.
 
     Under DDP, ``train_seconds`` and ``peak_memory_bytes`` are the maximum over ranks (the
     slowest rank, the fullest device); parameters and weights are the same on every rank.
     (Under FSDP the counts are those of the rank's shard.)
 
     Each row is logged to every logger as ``cost/trainable_params``, ``cost/total_params``,
-    ``cost/train_seconds``, ``cost/peak_memory_mb`` and ``cost/checkpoint_mb`` (MiB) at
+    ``cost/train_seconds``, ``cost/peak_memory_mb`` and ``cost/weights_mb`` (MiB) at
     step = experience; ``ContinualMetrics`` finds this callback among the trainer's and
     writes the rows under ``cost`` in ``continual_metrics.json`` and prints them after the
     accuracy matrix. The rows (and the seconds of an experience under way) are part of the
@@ -88,17 +97,18 @@ class ExperienceCost(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         version = state_dict.get("version")
-        if version != STATE_VERSION:
+        if version not in (1, STATE_VERSION):
             raise ConfigError(
                 f"ExperienceCost: the checkpoint's cost state has version {version}, this "
                 f"mneme reads version {STATE_VERSION}; resume with the mneme that wrote it"
             )
-        self.rows = [dict(row) for row in state_dict["rows"]]
+        self.rows = [_current_row(row) for row in state_dict["rows"]]
         pending = state_dict["pending"]
         self._pending = dict(pending) if pending is not None else None
 
     # -- hooks ----------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record_checkpoint_files(trainer)  # the previous experience's, saved by now
         k = current_experience(trainer)
         pending = self._pending
         if is_experience_start(trainer) or pending is None or pending["experience"] != k:
@@ -125,7 +135,33 @@ class ExperienceCost(Callback):
         if is_experience_end(trainer) and self._pending is not None:
             self._finish(trainer, pl_module)
 
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record_checkpoint_files(trainer)
+
     # -- measuring ------------------------------------------------------------------------
+    def record_checkpoint_files(self, trainer: Trainer) -> None:
+        """Fill ``checkpoint_file_bytes`` of the rows whose experience's checkpoint file is
+        on disk now: ``experience=<k>.ckpt`` in the checkpoint callback's folder, or, for
+        the latest experience only, ``last.ckpt`` (which holds its save until the next
+        epoch's end: with ``keep_experiences: 0`` the only file). Call it only between an
+        epoch's save and the next epoch's (a training epoch's start, the fit's end): before
+        the save, ``last.ckpt`` still holds the previous epoch."""
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None)
+        if not folder or not self.rows:
+            return
+        extension = getattr(callback, "FILE_EXTENSION", ".ckpt")
+        last = Path(folder) / f"{getattr(callback, 'CHECKPOINT_NAME_LAST', 'last')}{extension}"
+        latest = self.rows[-1]["experience"]
+        for row in self.rows:
+            if row.get("checkpoint_file_bytes") is not None or row["trainable_params"] is None:
+                continue
+            path = Path(folder) / f"experience={row['experience']}{extension}"
+            if not path.is_file() and row["experience"] == latest and self._pending is None:
+                path = last
+            if path.is_file():
+                row["checkpoint_file_bytes"] = os.path.getsize(path)
+
     def _end_epoch(self) -> None:
         if self._epoch_start is None or self._pending is None:
             return
@@ -152,7 +188,8 @@ class ExperienceCost(Callback):
             "train_seconds": seconds,
             "peak_memory_bytes": peak,
             "peak_memory_kind": kind,
-            "checkpoint_bytes": weights_bytes(pl_module) if self.checkpoint_size else None,
+            "weights_bytes": weights_bytes(pl_module) if self.checkpoint_size else None,
+            "checkpoint_file_bytes": None,  # the file is saved after this hook
         }
         del self.rows[k:]
         # Experiences trained before this callback was in the run: rows of None.
@@ -162,6 +199,16 @@ class ExperienceCost(Callback):
         scalars = {key: value for key, value in cost_scalars(row).items() if value is not None}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=k)
+
+
+def _current_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A restored row in this version's fields (version 1 named ``weights_bytes``
+    ``checkpoint_bytes`` and had no file size)."""
+    row = dict(row)
+    if "checkpoint_bytes" in row:
+        row["weights_bytes"] = row.pop("checkpoint_bytes")
+    row.setdefault("checkpoint_file_bytes", None)
+    return row
 
 
 def empty_row(experience: int) -> dict[str, Any]:
@@ -179,7 +226,7 @@ def cost_scalars(row: dict[str, Any]) -> dict[str, float | None]:
         "cost/total_params": row["total_params"],
         "cost/train_seconds": row["train_seconds"],
         "cost/peak_memory_mb": mb(row["peak_memory_bytes"]),
-        "cost/checkpoint_mb": mb(row["checkpoint_bytes"]),
+        "cost/weights_mb": mb(row["weights_bytes"]),
     }
 
 
@@ -240,14 +287,21 @@ def format_cost(rows: list[dict[str, Any]]) -> str:
         "cuda": "peak MB: CUDA max allocated in the experience",
         "cpu_rss": "peak MB: process peak RSS since it started",
     }
-    notes = "; ".join(memory[kind] for kind in sorted(kinds) if kind in memory)
-    lines = ["Cost per experience" + (f" ({notes})" if notes else "")]
+    notes = [memory[kind] for kind in sorted(kinds) if kind in memory]
+    notes += [
+        "weights MB: the model's weights as a checkpoint holds them (what a deployment loads)",
+        "ckpt file MB: the experience's checkpoint file on disk (the weights, optimizer and "
+        "callback states)",
+    ]
+    lines = ["Cost per experience (MB: MiB)"]
     header = (
-        f"{'exp':>9} | {'trainable':>11} {'total':>11} {'train s':>9} {'peak MB':>9} {'ckpt MB':>9}"
+        f"{'exp':>9} | {'trainable':>11} {'total':>11} {'train s':>9} {'peak MB':>9} "
+        f"{'weights MB':>10} {'ckpt file MB':>12}"
     )
     lines += [header, "-" * len(header)]
     for row in rows:
-        peak, ckpt = row["peak_memory_bytes"], row["checkpoint_bytes"]
+        peak, weights = row["peak_memory_bytes"], row["weights_bytes"]
+        file = row["checkpoint_file_bytes"]
         lines.append(
             f"{row['experience']:>9} | "
             + " ".join(
@@ -256,8 +310,9 @@ def format_cost(rows: list[dict[str, Any]]) -> str:
                     cell(row["total_params"], "d", 11),
                     cell(row["train_seconds"], ".2f", 9),
                     cell(None if peak is None else peak / MB, ".1f", 9),
-                    cell(None if ckpt is None else ckpt / MB, ".3f", 9),
+                    cell(None if weights is None else weights / MB, ".3f", 10),
+                    cell(None if file is None else file / MB, ".3f", 12),
                 ]
             )
         )
-    return "\n".join(lines)
+    return "\n".join(lines + notes)

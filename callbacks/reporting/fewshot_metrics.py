@@ -18,6 +18,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mneme.app.core.protocols import require
+from mneme.callbacks.run_context import write_json
+from mneme.datamodules.fewshot.meta_batches import eval_settings_of
 
 Z95 = 1.96
 CONFIDENCE = (
@@ -96,8 +98,6 @@ class FewShotMetrics(Callback):
         methods = list(getattr(pl_module, "episode_methods", None) or [None])
         settings = getattr(pl_module, "episode_settings", None)
         if not settings:
-            from mneme.app.models.fewshot.protonet import eval_settings_of
-
             settings = eval_settings_of(trainer.datamodule)
         if len(methods) == 1:  # a module may grow metrics past its settings: report those named
             metrics = metrics[: len(settings)]
@@ -143,9 +143,7 @@ class FewShotMetrics(Callback):
         }
         fitting = trainer.state.fn == "fit"
         name = "fewshot_val_metrics.json" if fitting else JSON_NAME
-        from mneme.callbacks.reporting.continual_metrics import _write_json
-
-        _write_json(trainer, name, self.last)
+        write_json(trainer, name, self.last)
         table = format_fewshot(rows, stage)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -31,8 +31,11 @@ class ExperienceCheckpoint(ModelCheckpoint):
 
     Args:
         dirpath: the folder; default ``<log_dir>/checkpoints``, as Lightning's.
-        keep_experiences: how many experience checkpoints to keep, newest first (``None``:
-            all; ``0``: none, only ``last.ckpt``).
+        keep_experiences: how many of *this run's* experience checkpoints to keep, newest
+            first (``None``: all; ``0``: none, only ``last.ckpt``). Only files this run
+            wrote, in its own ``dirpath``, are ever removed: the list of paths a restored
+            checkpoint carries is a record, never a list of files to delete (a crafted
+            checkpoint could name any file, and an earlier run's files stay untouched).
         save_weights_only: as Lightning's (a resume then restarts the optimizer).
 
     Example (YAML, the CLI's ``checkpoint:`` key)::
@@ -59,7 +62,9 @@ class ExperienceCheckpoint(ModelCheckpoint):
             save_weights_only=save_weights_only,
         )
         self.keep_experiences = keep_experiences
-        self.experience_paths: list[str] = []
+        self.experience_paths: list[str] = []  # this run's experience files, oldest first
+        # What a restored checkpoint listed: reported in the state, never deleted.
+        self.earlier_experience_paths: list[str] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -98,7 +103,7 @@ class ExperienceCheckpoint(ModelCheckpoint):
             if path != last:  # an experience file: last.ckpt links to it
                 _replace(path, last)
             for old in stale:
-                Path(old).unlink(missing_ok=True)
+                self._remove_own(Path(old))
         trainer.strategy.barrier("ExperienceCheckpoint")
 
     def _save_atomically(self, trainer: Trainer, path: Path) -> None:
@@ -116,16 +121,33 @@ class ExperienceCheckpoint(ModelCheckpoint):
                 tmp.unlink(missing_ok=True)
             raise ConfigError(_write_error(error, path)) from None
 
+    def _remove_own(self, path: Path) -> None:
+        """Unlink an experience checkpoint this run wrote: a plain file directly in this
+        run's ``dirpath`` (checked again here, so that no list, however it was filled, can
+        reach another folder or follow a link out of it)."""
+        folder = Path(self.dirpath).resolve()
+        if path.is_symlink() or path.resolve().parent != folder or not path.is_file():
+            return
+        path.unlink(missing_ok=True)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "version": STATE_VERSION,
-            "experience_paths": list(self.experience_paths),
+            "experience_paths": [*self.earlier_experience_paths, *self.experience_paths],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.experience_paths = list(state_dict.get("experience_paths", []))
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
+        # Else a checkpoint of another folder (`mneme test` of it, or a resume into a
+        # folder of its own): Lightning's would warn on every such run that its best-k
+        # record "won't be reloaded", a record that holds nothing here (save_top_k=0).
+        # A record of the files an earlier run wrote (in its own folder): kept in this
+        # run's checkpoints as plain strings, never trusted for writing or deleting.
+        paths = state_dict.get("experience_paths", [])
+        self.earlier_experience_paths = [p for p in paths if isinstance(p, str)][-1000:]
+        self.experience_paths = []
 
 
 def stale_tmp(path: Path) -> Path:
@@ -149,7 +171,12 @@ def _write_error(error: OSError, path: Path) -> str:
     import tempfile
 
     reason = error.strerror or str(error)
-    staged = error.filename and str(error.filename).startswith(tempfile.gettempdir())
+    # Staged in TMPDIR only when the failing file is there and not in the checkpoint folder
+    # (a log folder below /tmp is the checkpoint's own disk, not the staging area).
+    failing = Path(str(error.filename)).resolve() if error.filename else None
+    in_folder = failing is not None and failing.parent == path.parent.resolve()
+    tmp_root = Path(tempfile.gettempdir()).resolve()
+    staged = failing is not None and not in_folder and failing.is_relative_to(tmp_root)
     if error.errno == errno.ENOSPC and staged:
         return (
             f"TMPDIR: no space left in '{tempfile.gettempdir()}', where the checkpoint "

@@ -27,8 +27,11 @@ class FiniteLossGuard(Callback):
     training (the learning rate, a loss term's weight).
 
     At each epoch end, before the checkpoint is written (Lightning runs checkpoint callbacks
-    last), the weights are checked as well: a checkpoint of diverged weights is never
-    written, so the "last good checkpoint" the error names holds finite weights.
+    last), the weights are checked as well: a checkpoint of non-finite weights is never
+    written. Weights can also be finite yet diverged (magnitudes of 1e30 whose next forward
+    pass overflows): a checkpoint counts as good only once a step after it gave a finite
+    loss, so when the first step after a save diverges, that save is not named as good,
+    and the newest earlier experience checkpoint is (it was followed by finite steps).
 
     Checking before ``backward`` keeps the NaN out of the weights and the optimizer state;
     checkpoints already written (``last.ckpt`` from the previous epoch end) stay the last
@@ -59,6 +62,11 @@ class FiniteLossGuard(Callback):
     ) -> None:
         self._batch, self._batch_idx = batch, batch_idx  # read only if the loss goes bad
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the newest checkpoint holds the weights this epoch starts from: unconfirmed until
+        # a step on them gives a finite loss
+        self._save_unconfirmed = True
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
         if bad:
@@ -69,7 +77,10 @@ class FiniteLossGuard(Callback):
             )
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor):
-        if trainer.global_step % self.check_every_n_steps or torch.isfinite(loss).all():
+        if trainer.global_step % self.check_every_n_steps:
+            return
+        if torch.isfinite(loss).all():
+            self._save_unconfirmed = False
             return
         fields = non_finite_fields(getattr(self, "_batch", None))
         if fields:
@@ -87,19 +98,25 @@ class FiniteLossGuard(Callback):
             f"loss became {loss.item()} at step {trainer.global_step} (experience "
             f"{current_experience(trainer)}, epoch {trainer.current_epoch}) on finite data; "
             f"non-finite term(s): {', '.join(bad) or 'unknown'}; {state}. "
-            + self._last_good(trainer)
+            + self._last_good(trainer, confirmed=not getattr(self, "_save_unconfirmed", False))
             + "Lower the learning rate or the weight of that term."
         )
 
     @staticmethod
-    def _last_good(trainer: Trainer) -> str:
-        """The checkpoint to go back to: the last one written, whose weights this guard
-        checked at its epoch end."""
+    def _last_good(trainer: Trainer, confirmed: bool = True) -> str:
+        """The checkpoint to go back to: the last one written (finite weights, checked at
+        its epoch end), unless its weights gave the failing loss at the first step after it
+        (not ``confirmed``): then the newest earlier experience checkpoint beside it."""
         checkpoint = trainer.checkpoint_callback
         saved = checkpoint.last_model_path if checkpoint else ""
-        if saved and Path(saved).is_file():
+        if not saved or not Path(saved).is_file():
+            return "No checkpoint was saved yet. "
+        if confirmed:
             return f"Last good checkpoint: {saved}. "
-        return "No checkpoint was saved yet. "
+        earlier = [p for p in Path(saved).parent.glob("experience=*.ckpt") if not p.samefile(saved)]
+        earlier.sort(key=lambda p: int(p.stem.split("=")[1]) if p.stem[11:].isdigit() else -1)
+        where = f"Last good checkpoint: {earlier[-1]}. " if earlier else "No good checkpoint. "
+        return f"{saved} holds the weights that gave this loss (diverged, not good). {where}"
 
 
 def non_finite_fields(batch: Any) -> list[str]:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.protocols import FeatureClassifier, StrategyHost, require
-from mneme.callbacks.strategies.replay import Replay, _rank
+from mneme.callbacks.run_context import rank_and_world_size
+from mneme.callbacks.strategies.replay import Replay
 from mneme.datamodules.data.experiences import ExperienceData, as_experience
 from torch import Tensor
 
@@ -139,7 +140,7 @@ class DER(Replay):
         if not len(self) or (self.alpha == 0 and self.beta == 0):
             return zero
         n = self.replay_batch_size or len(batch[self.label_key])
-        rank, _ = _rank(self._trainer)
+        rank, _ = rank_and_world_size(self._trainer)
         step = self._trainer.global_step if self._trainer is not None else 0
         loss = zero
         device = next(iter(self.buffer.values())).device

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.private_api import foreach_addcmul, foreach_addcmul_, foreach_mul_, foreach_norm
 from mneme.app.core.protocols import ZeroShotClassifier, require
-from mneme.app.core.seeding import run_seed
+from mneme.app.core.seeding import derive_seed, run_seed
 from mneme.callbacks.base import ExperienceCallback
-from mneme.callbacks.strategies.replay import derive_seed
 from mneme.datamodules.data.experiences import ExperienceData, as_experience
 from torch import Tensor, nn
 
@@ -27,27 +27,27 @@ class _Quadratic(torch.autograd.Function):
     ``½ Σ_i ‖u_i‖²`` with ``u_i = r_i ⊙ θ_i + o_i``, ``r = √(λA)``, ``o = -r ⊙ m``: that is
     ``λ/2 Σ A (θ - m)²``, and its gradient is ``r ⊙ u``. One fused multiply-add and one norm
     forward, one in-place multiply backward, each a single ``torch._foreach_*`` call over all
-    parameters, however many experiences are consolidated.
+    parameters (:mod:`mneme.app.core.private_api`), however many experiences are consolidated.
     """
 
     @staticmethod
     def forward(ctx, roots: list[Tensor], offsets: list[Tensor], *params: Tensor) -> Tensor:
-        u = torch._foreach_addcmul(offsets, roots, params)
+        u = foreach_addcmul(offsets, roots, params)
         ctx.u, ctx.roots = u, roots
-        return torch.stack(torch._foreach_norm(u)).square().sum() / 2
+        return torch.stack(foreach_norm(u)).square().sum() / 2
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         # In place, and `u` released: autograd may then take these tensors over as the
         # gradient buffers instead of copying them.
         grads, ctx.u = ctx.u, None
-        torch._foreach_mul_(grads, ctx.roots)
+        foreach_mul_(grads, ctx.roots)
         # The output gradient is 1 unless the loss is scaled (AMP, accumulation); reading it
         # is free on the CPU, and on an accelerator a multiply is cheaper than a sync. Under
         # torch.compile ``.item()`` would break the graph: multiply (fused, about free).
         compiling = torch.compiler.is_compiling()
         if compiling or grad_output.device.type != "cpu" or grad_output.item() != 1.0:
-            torch._foreach_mul_(grads, grad_output)
+            foreach_mul_(grads, grad_output)
         return None, None, *grads
 
 
@@ -164,8 +164,8 @@ class EWC(ExperienceCallback):
         if self.decoupled:
             self._calls += 1
             with torch.no_grad():
-                self._u = torch._foreach_addcmul(self._offsets, self._roots, self._params)
-                value = torch.stack(torch._foreach_norm(self._u)).square().sum() / 2
+                self._u = foreach_addcmul(self._offsets, self._roots, self._params)
+                value = torch.stack(foreach_norm(self._u)).square().sum() / 2
         else:
             value = _Quadratic.apply(self._roots, self._offsets, *self._params)
         return value + self._const_term
@@ -182,7 +182,7 @@ class EWC(ExperienceCallback):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self._params]
-        torch._foreach_addcmul_(grads, self._roots, u, value=calls / accumulate_grad_batches)
+        foreach_addcmul_(grads, self._roots, u, value=calls / accumulate_grad_batches)
 
     def consolidate(self) -> None:
         """Fold the stored ``(F_e, θ*_e)`` into one quadratic ``A (θ - m)² + c`` and its
@@ -217,6 +217,8 @@ class EWC(ExperienceCallback):
     def loss(self, pl_module: LightningModule, batch: Batch) -> Tensor:
         """The loss whose squared gradients give the Fisher: cross-entropy of the module's
         logits (override for other objectives)."""
+        if hasattr(pl_module, "batch_loss"):  # a module with its own objective (ContinualLM:
+            return pl_module.batch_loss(batch)  # the mean next-token NLL)
         if hasattr(pl_module, "batch_logits"):  # a module of several inputs (a fusion)
             logits = pl_module.batch_logits(batch)
         else:

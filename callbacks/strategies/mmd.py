@@ -15,9 +15,9 @@ from mneme.app.core.protocols import (
     require,
 )
 from mneme.app.core.schedule import current_experience
-from mneme.app.core.seeding import run_seed
+from mneme.app.core.seeding import keyed_generator, run_seed
 from mneme.callbacks.base import ExperienceCallback
-from mneme.callbacks.strategies.replay import _generator, _rank
+from mneme.callbacks.run_context import rank_and_world_size
 from torch import Tensor
 
 
@@ -120,10 +120,10 @@ class MMDAdaptation(ExperienceCallback):
             # unbiased estimate is undefined: that step adds nothing
             return self._source(module, outputs).new_zeros(())
         target = experiences[k + 1]
-        rank, world_size = _rank(trainer)
+        rank, world_size = rank_and_world_size(trainer)
         shard = torch.arange(rank, len(target), world_size)
         n = min(self.target_batch_size or len(batch[module.input_key]), len(shard))
-        generator = _generator(run_seed(self.seed), rank, trainer.global_step)
+        generator = keyed_generator(run_seed(self.seed), rank, trainer.global_step)
         index = shard[torch.randperm(len(shard), generator=generator)[:n]]
         source = self._source(module, outputs)
         x = target.read(index)[module.input_key].to(source.device)
@@ -169,6 +169,21 @@ class MMDAdaptation(ExperienceCallback):
                 f"data.batch_size: MMDAdaptation's unbiased MMD needs at least 2 samples a "
                 f"batch, got {data.batch_size}"
             )
+
+    def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """The next domain's accuracy: test experience k+1 right after training k, before
+        any of its labels (the accuracy matrix's first upper diagonal), printed under the
+        matrix (``ContinualMetrics``)."""
+        from mneme.callbacks.reporting.continual_metrics import continual_metrics
+
+        metrics = continual_metrics(trainer)
+        rows = metrics.rows if metrics is not None else []
+        ahead = [row[k + 1] for k, row in enumerate(rows) if k + 1 < len(row)]
+        if not ahead:
+            return []
+        values = ", ".join(f"{a:.3f}" for a in ahead)
+        mean = sum(ahead) / len(ahead)
+        return [f"MMD next-domain accuracy (exp k+1 after training k): {values} (mean {mean:.3f})"]
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._term is not None:

@@ -8,8 +8,9 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.protocols import StrategyHost, require
-from mneme.app.core.seeding import run_seed
+from mneme.app.core.seeding import keyed_generator, run_seed
 from mneme.callbacks.base import ExperienceCallback
+from mneme.callbacks.run_context import CURRENT_ROWS, rank_and_world_size
 from mneme.callbacks.strategies.buffer_policies import BUFFER_POLICIES, NEEDS_LABELS
 from mneme.datamodules.data.experiences import ExperienceData, as_experience
 from torch import Tensor
@@ -18,32 +19,6 @@ Batch = dict[str, Tensor]
 # 1: the layout of mneme 0.1.0 plus this field (0.1.0's checkpoints, without it, load as is);
 # 2: one buffer per rank (``ranks``), gathered when the checkpoint is written.
 STATE_VERSION = 2
-_MASK64 = (1 << 64) - 1
-# The batch key Replay records the number of current (not replayed) rows under, with
-# ``mark_current_rows: true``, a 0-d long tensor: rows ``[:batch[CURRENT_ROWS]]`` are the
-# stream's, the rest replayed. Batch transforms after Replay (e.g. MixUp with ``apply_to:
-# current``) read it.
-CURRENT_ROWS = "current_rows"
-
-
-def derive_seed(*keys: int) -> int:
-    """A 63-bit seed from integer keys (splitmix64 chain), so that neighbouring keys such as
-    consecutive steps give unrelated random streams. Stateless: the same keys, the same seed."""
-    h = 0
-    for key in keys:
-        z = ((h ^ (key & _MASK64)) + 0x9E3779B97F4A7C15) & _MASK64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        h = z ^ (z >> 31)
-    return h >> 1
-
-
-def _generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*keys))
-
-
-def _rank(trainer: Trainer | None) -> tuple[int, int]:
-    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
 class Replay(ExperienceCallback):
@@ -145,7 +120,7 @@ class Replay(ExperienceCallback):
         data = as_experience(data)
         shard = torch.arange(rank, len(data), world_size)
         new_weights = torch.rand(
-            len(shard), generator=_generator(run_seed(self.seed), rank, experience)
+            len(shard), generator=keyed_generator(run_seed(self.seed), rank, experience)
         )
         weights = torch.cat([new_weights, self.weights.cpu()])
         labels = None
@@ -188,7 +163,7 @@ class Replay(ExperienceCallback):
     def sample(self, n: int, *keys: int) -> Tensor:
         """``n`` buffer indices, uniform without replacement (with, if the buffer is smaller),
         from a generator seeded by ``keys``."""
-        generator = _generator(run_seed(self.seed), *keys)
+        generator = keyed_generator(run_seed(self.seed), *keys)
         if n <= len(self):
             return torch.randperm(len(self), generator=generator)[:n]
         return torch.randint(len(self), (n,), generator=generator)
@@ -205,7 +180,7 @@ class Replay(ExperienceCallback):
                 f"(buffer keys: {sorted(self.buffer)})"
             )
         trainer = self._trainer
-        rank, _ = _rank(trainer)
+        rank, _ = rank_and_world_size(trainer)
         # (global_step, batch_idx): unique per training batch, restored on resume.
         step = (trainer.global_step if trainer else 0, batch_idx)
         # As many as the batch holds by default: a batch_size larger than the experience
@@ -247,7 +222,8 @@ class Replay(ExperienceCallback):
             self.buffer = {key: value.to(device) for key, value in self.buffer.items()}
 
     def on_experience_end(self, trainer: Trainer, pl_module: LightningModule, experience: int):
-        self.update(trainer.datamodule.train_experiences[experience], experience, *_rank(trainer))
+        data = trainer.datamodule.train_experiences[experience]
+        self.update(data, experience, *rank_and_world_size(trainer))
 
     # -- state ----------------------------------------------------------------------------
     @property
@@ -270,7 +246,7 @@ class Replay(ExperienceCallback):
         }
 
     def _gather(self, own: dict[str, Any]) -> list[dict[str, Any]]:
-        _, world_size = _rank(self._trainer)
+        _, world_size = rank_and_world_size(self._trainer)
         if world_size == 1:
             return [own]
         gathered: list[Any] = [None] * world_size
@@ -285,7 +261,7 @@ class Replay(ExperienceCallback):
             )
         own = state_dict  # version 1 (mneme 0.1.0): one buffer, the one rank 0 held
         if "ranks" in state_dict:
-            rank, world_size = _rank(self._trainer)
+            rank, world_size = rank_and_world_size(self._trainer)
             ranks = state_dict["ranks"]
             if len(ranks) != world_size:
                 raise ConfigError(

@@ -7,9 +7,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from mneme.app.core.checkpoints import ALIASES, ALIGNER, CLASSIFIER, load_trained_module
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.protocols import FeatureClassifier, StrategyHost, require
 from mneme.callbacks.base import ExperienceCallback
+from mneme.callbacks.run_context import input_normalization
 from mneme.callbacks.strategies.lwf import distillation_loss
 from torch import Tensor, nn
 
@@ -124,11 +126,13 @@ class TeacherDistillation(ExperienceCallback):
 
     def build_teacher(self, trainer: Trainer, input_key: str) -> nn.Module:
         if self.teacher_checkpoint is not None:
-            from mneme.app.models.fewshot.evaluator import (
-                load_model,
-            )  # safe load, class path checked
-
-            teacher = load_model(self.teacher_checkpoint)
+            teacher = load_trained_module(  # safe load, class path checked as text
+                self.teacher_checkpoint,
+                (CLASSIFIER, ALIGNER),
+                ALIASES,
+                "TeacherDistillation.teacher_checkpoint",
+                "a teacher",
+            )
             if not hasattr(teacher, "head"):
                 raise ConfigError(
                     "TeacherDistillation.teacher_checkpoint: a ContinualClassifier's, got "
@@ -221,8 +225,6 @@ class TeacherDistillation(ExperienceCallback):
         trainer: Trainer, pl_module: LightningModule, x: Tensor
     ) -> tuple[Tensor, Tensor] | None:
         """The stream's ``(mean, std)`` (as the attacks read it), shaped for ``x``."""
-        from mneme.callbacks.training.adversarial import input_normalization
-
         norm = input_normalization(trainer, pl_module)
         if norm is None:
             return None

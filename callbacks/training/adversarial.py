@@ -22,11 +22,10 @@ from lightning.pytorch import LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import summarize
 from mneme.app.core.protocols import Batch, ZeroShotClassifier, require
-from mneme.app.core.seeding import run_seed
+from mneme.app.core.seeding import derive_seed, run_seed
 from mneme.app.nn.attacks import check_attack, classification_loss, pgd
 from mneme.callbacks.base import ExperienceCallback
-from mneme.callbacks.reporting.continual_metrics import _write_json
-from mneme.callbacks.strategies.replay import derive_seed
+from mneme.callbacks.run_context import input_normalization, write_json
 from mneme.callbacks.training.augmentation import (
     APPLY_TO,
     SOFT_LABEL,
@@ -36,16 +35,6 @@ from mneme.callbacks.training.augmentation import (
 from torch import Tensor
 
 STATE_VERSION = 1
-
-
-def input_normalization(trainer: Trainer | None, pl_module: LightningModule) -> Any:
-    """The ``(mean, std)`` the model's inputs were standardized with, or ``None``: the
-    module's ``input_normalization`` hyperparameter, else the stream's declaration."""
-    hparams = getattr(pl_module, "hparams", {})
-    norm = hparams.get("input_normalization") if hasattr(hparams, "get") else None
-    if norm is None and trainer is not None and trainer.datamodule is not None:
-        norm = getattr(trainer.datamodule, "input_normalization", None)
-    return norm
 
 
 class _Attack:
@@ -292,10 +281,20 @@ class RobustAccuracy(ExperienceCallback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=experience)
         record = {"attack": self.attack.settings(), **summary}
-        _write_json(trainer, f"{name}_metrics.json", record)
+        write_json(trainer, f"{name}_metrics.json", record)
 
     def summary(self) -> dict[str, Any]:
         return summarize(self.rows)
+
+    def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """The robust matrix, printed under the clean one (``ContinualMetrics``; the
+        content of ``<name>_metrics.json``)."""
+        from mneme.callbacks.reporting.continual_metrics import format_matrix
+
+        a = self.attack
+        attack = f"PGD-{a.steps}, {a.norm} eps {a.eps:g}" if a.steps > 1 else f"FGSM eps {a.eps:g}"
+        title = f"Robust accuracy matrix '{self.prefix}' ({attack}; row: after experience k)"
+        return format_matrix(title, self.rows, summary=self.summary() if self.rows else None)
 
     @property
     def state_key(self) -> str:

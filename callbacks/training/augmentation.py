@@ -6,7 +6,7 @@ which runs in the order of ``trainer.callbacks``: put it **after** ``Replay`` an
 replayed rows are in the batch when it runs. ``apply_to: all`` (the default) augments them
 as the current ones; ``apply_to: current`` leaves them as they are, reading the number of
 current rows Replay records under ``batch["current_rows"]``
-(:data:`mneme.callbacks.strategies.replay.CURRENT_ROWS`, with Replay's ``mark_current_rows: true``,
+(:data:`mneme.callbacks.run_context.CURRENT_ROWS`, with Replay's ``mark_current_rows: true``,
 which ``apply_to: current`` asks for).
 
 Randomness is stateless, as Replay's: a step's draw comes from ``(seed, rank, global_step,
@@ -23,8 +23,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.protocols import Batch, SoftTargetClassifier, StrategyHost, require
-from mneme.app.core.seeding import run_seed
-from mneme.callbacks.strategies.replay import CURRENT_ROWS, derive_seed
+from mneme.app.core.seeding import derive_seed, run_seed
+from mneme.callbacks.base import ChangesTraining
+from mneme.callbacks.run_context import CURRENT_ROWS
 from timm.data import Mixup
 from timm.data.mixup import mixup_target
 from torch import Tensor, nn
@@ -36,10 +37,8 @@ SOFT_LABEL = "soft_label"
 
 def check_current_rows(trainer: Trainer, who: str) -> None:
     """``apply_to: current`` needs every Replay to mark the current rows."""
-    from mneme.callbacks.strategies.replay import Replay
-
-    for callback in trainer.callbacks:
-        if isinstance(callback, Replay) and not callback.mark_current_rows:
+    for callback in trainer.callbacks:  # Replay's setting, read without importing strategies
+        if getattr(callback, "mark_current_rows", None) is False:
             raise ConfigError(
                 f"Replay.mark_current_rows: set it true for {who}.apply_to: current (or use "
                 "apply_to: all), so the replayed rows can be told apart"
@@ -52,7 +51,7 @@ def current_rows(batch: Batch) -> int:
     return int(batch[CURRENT_ROWS]) if CURRENT_ROWS in batch else n
 
 
-class _BatchAugmentation(Callback):
+class _BatchAugmentation(ChangesTraining, Callback):
     """Registers :meth:`augment` as a batch transform and picks its rows and its seed."""
 
     name = "augment"

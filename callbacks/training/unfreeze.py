@@ -7,8 +7,10 @@ from typing import Any, Literal, Protocol
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BaseFinetuning
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.private_api import finetuning_is_restarting
 from mneme.app.core.protocols import require
 from mneme.app.core.schedule import experience_of_epoch
+from mneme.callbacks.base import ChangesTraining
 from torch import nn
 from torch.optim import Optimizer
 
@@ -26,7 +28,7 @@ class FineTunable(Protocol):
     head: Any
 
 
-class ProgressiveUnfreezing(BaseFinetuning):
+class ProgressiveUnfreezing(ChangesTraining, BaseFinetuning):
     """Train the head on a frozen backbone, then unfreeze the backbone from the top, one
     block group (or ``groups_per_step``) at a time, every ``every_n`` epochs or experiences.
 
@@ -201,7 +203,7 @@ class ProgressiveUnfreezing(BaseFinetuning):
                 f"to unfreeze, this one {len(self.groups)}; resume with the checkpoint's "
                 "model.encoder"
             )
-        if not self._restarting:
+        if not finetuning_is_restarting(self):
             frozen = {id(p) for group in self.groups for _, p in group}
             for optimizer in trainer.optimizers:
                 if any(id(p) in frozen for g in optimizer.param_groups for p in g["params"]):

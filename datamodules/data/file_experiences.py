@@ -9,7 +9,6 @@ after a resume; a worker's unreadable file is one :class:`ConfigError` line nami
 from __future__ import annotations
 
 import random
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from mneme.app.core.errors import ConfigError
+from mneme.app.core.library_errors import dataloader_worker_message
 from mneme.datamodules.data.experiences import ExperienceData, SampleCollate
 from mneme.datamodules.data.file_transforms import TransformSpec, build_transform
 from mneme.datamodules.data.tensor_batches import Batch, EpochSampler
@@ -42,27 +42,15 @@ class ImageCodec:
     normalize: tuple[float, float] | None = None  # (mean, std) applied after scaling
 
     def decode(self, path: str) -> Any:
-        """The image at ``path``, uint8 ``(C, H, W)`` (torchvision) or a PIL image; an
-        unreadable file is refused in one line naming it."""
-        try:
-            if self.decoder == "pil":
-                from PIL import Image
+        """The image at ``path``, uint8 ``(C, H, W)`` (torchvision) or a PIL image, by the
+        one image policy (:mod:`mneme.datamodules.data.image_policy`: size checked before
+        decoding, every mode to 8-bit gray or RGB); an unreadable file is refused in one
+        line naming it."""
+        from mneme.datamodules.data.image_policy import decode_pil, decode_uint8
 
-                with Image.open(path) as img:
-                    return img.convert("L" if self.channels == 1 else "RGB")
-            from torchvision.io import ImageReadMode, decode_image
-
-            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-            with warnings.catch_warnings():  # torchvision 0.29 points to TorchCodec, each call
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_image(path, mode=mode)
-        except (OSError, RuntimeError, SyntaxError, ValueError) as err:
-            # PIL: UnidentifiedImageError (an OSError), truncated data (OSError/SyntaxError);
-            # torchvision: RuntimeError from libjpeg/libpng.
-            reason = " ".join(str(err).split())[:160]
-            raise ConfigError(
-                f"{self.field}: cannot read image '{path}' ({reason}); replace or remove the file"
-            ) from None
+        if self.decoder == "pil":
+            return decode_pil(path, self.channels, self.field)
+        return decode_uint8(path, self.channels, self.field)
 
     def load(self, path: str, train: bool, seed: tuple[int, ...] | None) -> Tensor:
         from torchvision.transforms.v2 import functional as F
@@ -153,9 +141,7 @@ class FileLoader(DataLoader):
             except StopIteration:
                 return
             except ConfigError as err:
-                lines = [line for line in str(err).splitlines() if line.strip()]
-                message = lines[-1].split("ConfigError: ", 1)[-1] if lines else str(err)
-                raise ConfigError(message) from None
+                raise ConfigError(dataloader_worker_message(err, "ConfigError")) from None
             yield batch
 
 

@@ -133,8 +133,12 @@ class EpochSampler(DistributedSampler):
 
     It subclasses ``DistributedSampler`` only so that Lightning keeps it as it is: Lightning
     replaces any other sampler with its own distributed one under DDP, whose padding and
-    seeding differ. Lightning's ``set_epoch`` calls are ignored: the epoch is fixed when
-    the loader is built, each epoch (``reload_dataloaders_every_n_epochs=1``).
+    seeding differ. That is the documented way (``Trainer(use_distributed_sampler=...)``: "a
+    distributed sampler already added is not replaced"); ``use_distributed_sampler=False``
+    would do it too, but it is the Trainer's setting, which a datamodule cannot make, and a
+    Trainer built without it (the Python API, the tests) would shard the shards again.
+    Lightning's ``set_epoch`` calls are ignored: the epoch is fixed when the loader is built,
+    each epoch (``reload_dataloaders_every_n_epochs=1``).
     """
 
     def __init__(self, order: Tensor) -> None:

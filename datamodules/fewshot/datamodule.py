@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.seeding import run_seed
 from mneme.datamodules.continual import ContinualDataModule
+from mneme.datamodules.data.device_transfer import FlatBatchTransfer
 from mneme.datamodules.data.experiences import fixed_generator
 from mneme.datamodules.data.tensor_batches import EpochSampler
 from mneme.datamodules.fewshot.episodes import (
@@ -103,7 +104,7 @@ class _EpochKeys(EpochSampler):
         return iter([(epoch, b) for b in range(len(self))])
 
 
-class EpisodicDataModule(LightningDataModule):
+class EpisodicDataModule(FlatBatchTransfer, LightningDataModule):
     """Few-shot episodes from any Avalanche benchmark or Mneme stream, as meta-batches.
 
     Every loader yields dicts: ``support`` ``{field: (T, N*K, *shape)}`` and ``query``
@@ -124,7 +125,7 @@ class EpisodicDataModule(LightningDataModule):
     with fresh episodes, evaluation with repeats flagged ``padded``.
 
     Args:
-        benchmark, benchmark_args, sample_keys, trusted_benchmarks, max_classes: the stream,
+        benchmark, benchmark_args, sample_keys, max_classes: the stream,
             as :class:`~mneme.datamodules.ContinualDataModule` takes them.
         meta_train_classes, meta_val_classes, meta_test_classes: class ids of each split;
             no class in two. Ten-class streams (digits, MNIST, spoken digits): meta-train
@@ -172,7 +173,6 @@ class EpisodicDataModule(LightningDataModule):
         seed: int | None = None,
         num_workers: int = 0,
         materialize: bool = True,
-        trusted_benchmarks: Sequence[str] = (),
         max_classes: int = 100_000,
     ) -> None:
         super().__init__()
@@ -215,7 +215,6 @@ class EpisodicDataModule(LightningDataModule):
             sample_keys=sample_keys,
             materialize=materialize,
             num_workers=0,  # episodes are drawn in this module's workers, not in nested ones
-            trusted_benchmarks=trusted_benchmarks,
             max_classes=max_classes,
         )
         self.benchmark = benchmark

@@ -21,7 +21,7 @@ from mneme.datamodules.streams.captions import (
     tokenize,
 )
 from mneme.datamodules.streams.declared import DeclaredStream
-from mneme.datamodules.streams.digits import _split_benchmark, load_digits_tensors, load_mnist_npz
+from mneme.datamodules.streams.digits import load_digits_tensors, load_mnist_npz, split_benchmark
 from mneme.datamodules.streams.registry import stream
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
@@ -69,7 +69,7 @@ def SplitCaptionedDigits(  # noqa: N802 - named like Avalanche's benchmark facto
     train, test = load_mnist_npz(path) if path else load_digits_tensors(seed=0)
     args = (tokenizer, context_length)
     train_labels, test_labels = torch.tensor(train.targets), torch.tensor(test.targets)
-    scenario = _split_benchmark(
+    scenario = split_benchmark(
         captioned(train.inputs, train_labels, train_templates, caption_seed, *args),
         captioned(test.inputs, test_labels, eval_templates, caption_seed + 1, *args),
         n_experiences,

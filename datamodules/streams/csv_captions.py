@@ -14,8 +14,6 @@ is its own class (its index), and experiences are consecutive chunks of the rows
 from __future__ import annotations
 
 import csv
-import warnings
-import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mneme.app.core.errors import ConfigError
+from mneme.datamodules.data.image_policy import decode_pil, inside_root
 from mneme.datamodules.streams.captions import (
     DEFAULT_TOKENIZER,
     PairedTensors,
@@ -30,14 +29,13 @@ from mneme.datamodules.streams.captions import (
     tokenize,
 )
 from mneme.datamodules.streams.declared import DeclaredStream
-from mneme.datamodules.streams.digits import _split_benchmark
+from mneme.datamodules.streams.digits import split_benchmark
 from mneme.datamodules.streams.registry import stream
 
 SAMPLE_KEYS = ("image", "label", "text", "task")
 MAX_CAPTION_CHARS = 4096  # default cap; open_clip keeps at most context_length tokens anyway
 PATH_CHARS = 4096  # PATH_MAX on Linux: the longest image path a manifest field may hold
 MAX_IMAGE_SIZE = 1024  # side of the resized images (N x side x side x channels in memory)
-OPT_OUT = "data.benchmark_args.allow_outside_root: true"
 
 
 class ManifestRow(dict):
@@ -147,35 +145,13 @@ def image_paths(
     where: str,
     allow_outside_root: bool = False,
 ) -> list[Path]:
-    """Each row's image as a resolved path (symlinks followed), refused when it leaves
-    ``root`` (an absolute path, ``..``, or a symlink that points out) unless
-    ``allow_outside_root``: a shared manifest must not read files elsewhere on the machine
-    (``../../etc/passwd``) nor slip an image from outside the dataset into training.
+    """Each row's image as a resolved path, kept inside ``root`` unless
+    ``allow_outside_root`` (:func:`mneme.datamodules.data.image_policy.inside_root`).
     ``where``: ``data.benchmark_args.<field>: '<manifest>'``, for the error."""
-    inside = root.resolve()
-    paths = []
-    for row in rows:
-        raw = row[img_key]
-        try:
-            path = (root / raw).resolve()
-        except (OSError, RuntimeError, ValueError) as err:  # a NUL byte, a symlink loop
-            raise ConfigError(
-                f"{where} line {row.line}: image path {raw!r} cannot be resolved ({err})"
-            ) from None
-        if not allow_outside_root and not path.is_relative_to(inside):
-            how = (
-                "an absolute path"
-                if Path(raw).is_absolute()
-                else "'..' leads out"
-                if ".." in Path(raw).parts
-                else "a symlink leads out"
-            )
-            raise ConfigError(
-                f"{where} line {row.line}: image '{raw}' is outside root '{inside}' ({how}, "
-                f"to '{path}'); keep images under data.benchmark_args.root, or set {OPT_OUT}"
-            )
-        paths.append(path)
-    return paths
+    return [
+        inside_root(row[img_key], root, f"{where} line {row.line}", allow_outside_root)
+        for row in rows
+    ]
 
 
 def check_images_exist(paths: Sequence[Path], manifest: str) -> None:
@@ -188,53 +164,23 @@ def check_images_exist(paths: Sequence[Path], manifest: str) -> None:
         )
 
 
-def eight_bit(img, path: Path, where: str):
-    """``img`` with 8-bit channels. PIL's ``convert`` clips 16-bit values at 255 (a 16-bit
-    scan turns white); the mode states the bit depth, so scale by it. 32-bit integer and
-    float images do not say their range: refused."""
-    from PIL import Image
-
-    if img.mode.startswith("I;16"):
-        scaled = np.asarray(img, dtype=np.float32) * (255.0 / 65535.0)
-        return Image.fromarray(scaled.round().astype(np.uint8), "L")
-    if img.mode in ("I", "F"):
-        raise ConfigError(
-            f"{where}: image '{path}' is {img.mode} mode (32-bit values of unknown "
-            "range); save it as an 8- or 16-bit image"
-        )
-    return img
-
-
 def load_images(
     paths: Sequence[Path],
     image_size: int,
     channels: int,
     sources: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """``(N, channels, image_size, image_size)`` floats in ``[0, 1]``. An image that PIL
-    cannot decode (corrupt, truncated) or that is larger than PIL's decompression-bomb limit
-    (``Image.MAX_IMAGE_PIXELS``, whose warning is made an error here) is refused naming
-    ``sources[i]`` (``data.benchmark_args.<field>: '<manifest>' line <n>``)."""
+    """``(N, channels, image_size, image_size)`` floats in ``[0, 1]``, each image decoded
+    by the one image policy (:mod:`mneme.datamodules.data.image_policy`: the size checked
+    against the decompression-bomb limit before decoding, every mode to 8-bit gray or RGB);
+    a refusal names ``sources[i]`` (``data.benchmark_args.<field>: '<manifest>' line <n>``)."""
     from PIL import Image
 
-    mode = {1: "L", 3: "RGB"}[channels]
     out = np.empty((len(paths), image_size, image_size, channels), dtype=np.uint8)
     for i, p in enumerate(paths):
         where = sources[i] if sources else f"data.benchmark_args: '{p}'"
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(p) as img:
-                    small = eight_bit(img, p, where).convert(mode)
-                    resized = small.resize((image_size, image_size), Image.BICUBIC)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ConfigError(f"{where}: image '{p}' is too large ({err}); shrink it") from None
-        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as err:
-            # Image.UnidentifiedImageError is an OSError; truncated data raises OSError or
-            # SyntaxError ("broken PNG file"), bad compressed data zlib.error.
-            raise ConfigError(
-                f"{where}: cannot read image '{p}' ({err}); replace the file or drop the row"
-            ) from None
+        small = decode_pil(p, channels, where)
+        resized = small.resize((image_size, image_size), Image.BICUBIC)
         out[i] = np.asarray(resized).reshape(image_size, image_size, channels)
     return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255.0)
 
@@ -316,7 +262,7 @@ def CSVCaptions(  # noqa: N802 - named like Avalanche's benchmark factories
     train = dataset(rows, base, "train_csv")
     test = dataset(test_rows, test_base, "test_csv" if test_csv else "train_csv")
     if label_key:
-        scenario = _split_benchmark(train, test, n_experiences, False, seed, None, False)
+        scenario = split_benchmark(train, test, n_experiences, False, seed, None, False)
     else:
         chunks = [np.array_split(np.arange(len(d)), n_experiences) for d in (train, test)]
         scenario = benchmark_from_datasets(

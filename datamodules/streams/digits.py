@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from mneme.app.core.errors import ConfigError
+from mneme.datamodules.data.labels import check_labels
 from mneme.datamodules.streams.declared import DeclaredStream
 from mneme.datamodules.streams.registry import stream
 from torch.utils.data import Dataset
@@ -38,7 +39,7 @@ class LabeledTensors(Dataset):
         return self.inputs[index], self.targets[index]
 
 
-def _split_benchmark(
+def split_benchmark(
     train: LabeledTensors,
     test: LabeledTensors,
     n_experiences: int,
@@ -102,7 +103,7 @@ def SplitDigits(  # noqa: N802 - named like Avalanche's benchmark factories
           benchmark_args: {n_experiences: 5, seed: 0}
     """
     train, test = load_digits_tensors(test_size=test_size, seed=0)
-    scenario = _split_benchmark(
+    scenario = split_benchmark(
         train,
         test,
         n_experiences,
@@ -211,6 +212,7 @@ def load_mnist_npz(path: str | Path):
             f"data.benchmark_args.path: '{path}' labels must be integer class indices >= 0, "
             f"got dtype {labels.dtype} with minimum {labels.min()}"
         )
+    check_labels(int(labels.max()), f"data.benchmark_args.path: '{path}'")
     x = torch.from_numpy(images_in_unit_range(images, path)).unsqueeze(1)
     x = (x - MNIST_MEAN) / MNIST_STD
     y = torch.from_numpy(labels.astype(np.int64))
@@ -230,7 +232,7 @@ def SplitMNISTFile(  # noqa: N802
 ):
     """Class- (or task-) incremental split MNIST read from a local ``.npz`` file."""
     train, test = load_mnist_npz(path)
-    scenario = _split_benchmark(
+    scenario = split_benchmark(
         train,
         test,
         n_experiences,

@@ -34,6 +34,7 @@ Make an ImageFolder tree of real MNIST digits (used by ``configs/file_stream.yam
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from mneme.datamodules.data.file_experiences import (
     ImageCodec,
     make_codec,
 )
+from mneme.datamodules.data.image_policy import OPT_OUT, inside_root
+from mneme.datamodules.data.labels import check_labels
 from mneme.datamodules.streams.declared import DeclaredStream
 from mneme.datamodules.streams.registry import stream
 from torch import Tensor
@@ -154,11 +157,37 @@ def holdout(labels: Tensor, test_size: float, seed: int) -> Tensor:
     return mask
 
 
+def check_linked_folders(root: Path, field: str, allow_outside_root: bool) -> None:
+    """Refuse, before torchvision walks the tree (it follows every symlinked folder), a
+    symlinked folder that leads out of ``root`` (unless ``allow_outside_root``) or to one of
+    its own ancestors (a loop: two of them make the walk exponential)."""
+    inside = root.resolve()
+    for folder, subfolders, _ in os.walk(root):  # not following links
+        for name in subfolders:
+            link = Path(folder, name)
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            if Path(folder).resolve().is_relative_to(target):
+                raise ConfigError(
+                    f"{field}: '{link}' links to its own ancestor '{target}' (a loop); "
+                    "remove the link"
+                )
+            if not allow_outside_root and not target.is_relative_to(inside):
+                raise ConfigError(
+                    f"{field}: '{link}' is outside root '{inside}' (a symlink leads out, to "
+                    f"'{target}'); keep images under the root, or set {OPT_OUT}"
+                )
+
+
 def read_folder(
-    root: str | Path, extensions: Sequence[str], field: str
+    root: str | Path, extensions: Sequence[str], field: str, allow_outside_root: bool = False
 ) -> tuple[list[str], list[str], Tensor]:
     """``(class names, paths, labels)`` of an ImageFolder tree, by torchvision's own
-    ``find_classes``/``make_dataset`` (sorted class folders, files by extension)."""
+    ``find_classes``/``make_dataset`` (sorted class folders, files by extension). Each file
+    is kept as its resolved path, which must stay inside ``root`` (torchvision follows
+    symlinks, to files and folders alike) unless ``allow_outside_root``, and be reached
+    once (a folder linked to its own ancestor would repeat its images)."""
     from torchvision.datasets.folder import find_classes, make_dataset
 
     root = Path(root)
@@ -167,6 +196,7 @@ def read_folder(
             f"{field}: no folder at '{root}'; point it at root/<class>/<image> (make one with "
             "python -m mneme.datamodules.streams.files NPZ FOLDER)"
         )
+    check_linked_folders(root, field, allow_outside_root)
     try:
         names, class_to_idx = find_classes(str(root))
         samples = make_dataset(str(root), class_to_idx, extensions=tuple(extensions))
@@ -174,7 +204,17 @@ def read_folder(
         raise ConfigError(
             f"{field}: '{root}': {' '.join(str(err).split())}; every class folder needs images"
         ) from None
-    paths = [p for p, _ in samples]
+    paths, seen = [], {}
+    for path, _ in samples:
+        where = f"{field}: '{root}'"
+        resolved = inside_root(Path(path).relative_to(root), root, where, allow_outside_root)
+        if resolved in seen:
+            raise ConfigError(
+                f"{where}: '{resolved}' is reached both as '{seen[resolved]}' and as "
+                f"'{path}' (a symlinked folder or file); keep one copy per image"
+            )
+        seen[resolved] = path
+        paths.append(str(resolved))
     return names, paths, torch.tensor([c for _, c in samples], dtype=torch.long)
 
 
@@ -195,6 +235,7 @@ def ImageFolderStream(  # noqa: N802 - named like Avalanche's benchmark factorie
     eval_transform: Any = None,
     extensions: Sequence[str] = EXTENSIONS,
     normalize: Sequence[float] | None = None,
+    allow_outside_root: bool = False,
 ):
     """Class-incremental stream of an ImageFolder tree (``root/<class>/<image>``).
 
@@ -203,7 +244,8 @@ def ImageFolderStream(  # noqa: N802 - named like Avalanche's benchmark factorie
     ``[{name: RandomCrop, size: 32, padding: 4}, ...]`` or ``{timm: {create_transform
     arguments}}``; images are resized to ``image_size`` and scaled to ``[0, 1]`` after,
     then standardized by ``normalize: [mean, std]`` if given (declared to the model, as
-    the MNIST streams declare theirs; a pretrained backbone undoes it).
+    the MNIST streams declare theirs; a pretrained backbone undoes it). A symlink in the
+    tree may not lead out of ``root`` (``test_root``) unless ``allow_outside_root``.
 
     Example (YAML)::
 
@@ -221,10 +263,10 @@ def ImageFolderStream(  # noqa: N802 - named like Avalanche's benchmark factorie
     codec = make_codec(
         image_size, channels, decoder, train_transform, eval_transform, f"{ARGS}.root", normalize
     )
-    names, paths, labels = read_folder(root, extensions, f"{ARGS}.root")
+    names, paths, labels = read_folder(root, extensions, f"{ARGS}.root", allow_outside_root)
     if test_root is not None:
         test_names, test_paths, test_labels = read_folder(
-            test_root, extensions, f"{ARGS}.test_root"
+            test_root, extensions, f"{ARGS}.test_root", allow_outside_root
         )
         if test_names != names:
             raise ConfigError(
@@ -281,10 +323,12 @@ def read_image_manifest(
     return rows
 
 
-def label_indices(values: Sequence[str]) -> tuple[list[str], dict[str, int]]:
-    """Integer labels are class indices; other labels are names, indexed in sorted order."""
+def label_indices(values: Sequence[str], where: str) -> tuple[list[str], dict[str, int]]:
+    """Integer labels are class indices (checked against ``data.max_classes`` before the
+    names of ``0..largest`` are made); other labels are names, indexed in sorted order."""
     if all(v.strip().isdigit() for v in values):
         largest = max(int(v) for v in values)
+        check_labels(largest, where)
         return [str(i) for i in range(largest + 1)], {v: int(v) for v in set(values)}
     names = sorted(set(values))
     return names, {name: i for i, name in enumerate(names)}
@@ -351,7 +395,10 @@ def CSVImageStream(  # noqa: N802 - named like Avalanche's benchmark factories
                 f"{bad[0][split_key]!r}; the column says 'train' or 'test'"
             )
         parts = {s: [r for r in rows if r[split_key].strip() == s] for s in ("train", "test")}
-    names, class_of = label_indices([r[label_key].strip() for rs in parts.values() for r in rs])
+    values = [r[label_key].strip() for rs in parts.values() for r in rs]
+    names, class_of = label_indices(
+        values, f"{ARGS}.label_key: column '{label_key}' of '{train_csv}'"
+    )
 
     def files(part: list[Any], manifest: str) -> tuple[list[str], Tensor]:
         where = f"{field}: '{manifest}'"

@@ -19,9 +19,9 @@ import torch
 from mneme.app.core.errors import ConfigError
 from mneme.datamodules.streams.captions import PairedTensors
 from mneme.datamodules.streams.declared import DeclaredStream
-from mneme.datamodules.streams.digits import MNIST_MEAN, MNIST_STD, _split_benchmark, load_mnist_npz
+from mneme.datamodules.streams.digits import MNIST_MEAN, MNIST_STD, load_mnist_npz, split_benchmark
 from mneme.datamodules.streams.registry import stream
-from mneme.datamodules.streams.spoken_digits import _paired_images, load_spoken_digits
+from mneme.datamodules.streams.spoken_digits import load_spoken_digits, paired_images
 
 SAMPLE_KEYS = ("audio", "label", "image", "task")
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -83,10 +83,10 @@ def SpokenMNIST(  # noqa: N802 - named like Avalanche's benchmark factories
     def paired(index: np.ndarray, images, pairing_seed: int, repeats: int) -> PairedTensors:
         index = np.tile(index, repeats)  # each clip ``repeats`` times, a new image each time
         y = torch.from_numpy(labels[index])
-        image = _paired_images(labels[index], images.inputs, images.targets, pairing_seed)
+        image = paired_images(labels[index], images.inputs, images.targets, pairing_seed)
         return PairedTensors([audio[torch.from_numpy(index)], image], y)
 
-    scenario = _split_benchmark(
+    scenario = split_benchmark(
         paired(train_idx, mnist_train, 0, images_per_clip),
         paired(test_idx, mnist_test, 1, 1),
         n_experiences,

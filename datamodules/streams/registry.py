@@ -10,7 +10,15 @@ benchmark:
   of Avalanche's ``CLScenario``;
 - a Mneme stream: a factory registered with :func:`stream` (Mneme's own streams are; a
   user's stream can be, when its module is imported before the datamodule is built);
-- a callable the config lists explicitly in ``data.trusted_benchmarks``.
+- a callable trusted from outside every config: listed in the ``MNEME_TRUSTED_BENCHMARKS``
+  environment variable (comma-separated import paths), or declared by an installed package
+  as an entry point of the ``mneme.streams`` group (``name = "pkg.module:Factory"``).
+
+Trust never comes from a config (nor from a ``mneme tune`` search space, nor from a
+checkpoint): a list that a shared config could extend (the former
+``data.trusted_benchmarks``) would trust whatever that config then names (``os.system``).
+The environment, the installed packages and the user's own code (``@stream``, imported
+before the CLI runs) are the user's, not the config author's.
 
 The import path is judged as text first, so that a module outside those trees is never
 imported unless trusted; what the import returns is judged again before it is called.
@@ -20,8 +28,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mneme.app.core.errors import ConfigError
@@ -41,9 +50,12 @@ _STREAMS: dict[str, Callable[..., Any]] = {}
 
 FIX = (
     "name an Avalanche benchmark (e.g. avalanche.benchmarks.classic.SplitMNIST) or a Mneme "
-    "stream (e.g. mneme.datamodules.SplitDigits), or list your own factory in "
-    "data.trusted_benchmarks"
+    "stream (e.g. mneme.datamodules.SplitDigits), or trust your own factory outside the "
+    "config: @stream in your code, the MNEME_TRUSTED_BENCHMARKS environment variable, or a "
+    "`mneme.streams` entry point"
 )
+TRUSTED_VARIABLE = "MNEME_TRUSTED_BENCHMARKS"
+ENTRY_POINT_GROUP = "mneme.streams"
 
 
 def stream(factory: F) -> F:
@@ -92,16 +104,27 @@ def _import(class_path: str) -> Any:
         ) from None
 
 
-def resolve_benchmark(
-    class_path: str, arguments: dict[str, Any], trusted: Iterable[str] = ()
-) -> Callable[..., Any]:
+def trusted_benchmarks() -> set[str]:
+    """Import paths trusted from outside every config: ``MNEME_TRUSTED_BENCHMARKS`` and the
+    ``mneme.streams`` entry points of installed packages (read, not loaded)."""
+    from importlib.metadata import entry_points
+
+    listed = os.environ.get(TRUSTED_VARIABLE, "")
+    trusted = {e for e in re.split(r"[,\s]+", listed) if e}
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        module, _, attr = entry.value.partition(":")
+        trusted.add(f"{module.strip()}.{attr.strip()}" if attr else module.strip())
+    return trusted
+
+
+def resolve_benchmark(class_path: str, arguments: dict[str, Any]) -> Callable[..., Any]:
     """The benchmark factory or class named by ``class_path``, refused unless it is a
-    benchmark (see the module docstring) or listed in ``trusted``; ``arguments`` must fit
-    its signature. Nothing is called here, and nothing outside the Avalanche and Mneme
-    trees is imported unless ``trusted`` lists it."""
+    benchmark (see the module docstring) or trusted from outside the config
+    (:func:`trusted_benchmarks`); ``arguments`` must fit its signature. Nothing is called
+    here, and nothing outside the Avalanche and Mneme trees is imported unless trusted."""
     if not isinstance(class_path, str) or not _IMPORT_PATH.fullmatch(class_path):
         raise _refuse(str(class_path), "is not an import path (package.module.name)")
-    trusted = set(trusted)
+    trusted = trusted_benchmarks()
     if any(part.startswith("_") for part in class_path.split(".")) and class_path not in trusted:
         raise _refuse(class_path, "is private (a name starting with '_')")
     if class_path in _STREAMS:  # registered: its module is imported already
@@ -110,8 +133,8 @@ def resolve_benchmark(
         factory = _import(class_path)
         if not callable(factory):
             raise ConfigError(
-                f"data.trusted_benchmarks: '{class_path}' is not callable; list a benchmark "
-                "factory or class"
+                f"data.benchmark: '{class_path}' (trusted by {TRUSTED_VARIABLE} or an entry "
+                "point) is not callable; trust a benchmark factory or class"
             )
     elif class_path.startswith(AVALANCHE_TREE):
         factory = _import(class_path)

@@ -29,7 +29,7 @@ from mneme.datamodules.streams.captions import (
     tokenize,
 )
 from mneme.datamodules.streams.declared import DeclaredStream
-from mneme.datamodules.streams.digits import _split_benchmark, load_digits_tensors, read_npz
+from mneme.datamodules.streams.digits import load_digits_tensors, read_npz, split_benchmark
 from mneme.datamodules.streams.registry import stream
 
 SAMPLE_KEYS = ("audio", "label", "image", "text", "task")
@@ -73,11 +73,17 @@ def load_spoken_digits(path: str | Path) -> dict[str, np.ndarray]:
             f"(one per voice name); found labels from {labels.min()}, voice in "
             f"[{voice.min()}, {voice.max()}]"
         )
+    if len(labels) and labels.max() >= len(NUMBER_WORDS):  # before anything sized by class
+        raise ConfigError(
+            f"{field}: '{path}' holds the label {int(labels.max()):,}; spoken digits are "
+            f"labelled 0..{len(NUMBER_WORDS) - 1} (captions and paired images are by digit): "
+            "relabel the clips"
+        )
     accents = np.array([str(n).split("_")[0] for n in names])  # accent_variant_speed_pitch
     return {"audio": audio, "labels": labels.astype(np.int64), "accent": accents[voice]}
 
 
-def _paired_images(labels: np.ndarray, images: torch.Tensor, image_labels, seed: int):
+def paired_images(labels: np.ndarray, images: torch.Tensor, image_labels, seed: int):
     """For each label, a random image of the same class (with replacement, seeded)."""
     rng = np.random.RandomState(seed)
     image_labels = np.asarray(image_labels)
@@ -141,13 +147,13 @@ def SpokenDigits(  # noqa: N802 - named like Avalanche's benchmark factories
 
     def paired(index: np.ndarray, digits, templates, caption_seed: int) -> PairedTensors:
         y = torch.from_numpy(labels[index])
-        images = _paired_images(labels[index], digits.inputs, digits.targets, caption_seed)
+        images = paired_images(labels[index], digits.inputs, digits.targets, caption_seed)
         captions = template_captions(y, NUMBER_WORDS, templates, caption_seed)
         text = tokenize(captions, tokenizer, context_length)
         return PairedTensors([audio[torch.from_numpy(index)], images, text], y)
 
     if split == "class":
-        scenario = _split_benchmark(
+        scenario = split_benchmark(
             paired(train_idx, digits_train, train_templates, 0),
             paired(test_idx, digits_test, eval_templates, 1),
             n_experiences,

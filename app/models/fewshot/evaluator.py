@@ -43,18 +43,17 @@ checkpoint is this module's own argument)::
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import inspect
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from mneme.app.core.checkpoints import ALIASES, ALIGNER, CLASSIFIER, load_trained_module
 from mneme.app.core.errors import ConfigError
-from mneme.app.models.fewshot.protonet import (
+from mneme.app.nn.heads.prototypes import METRICS, class_means, prototype_logits
+from mneme.datamodules.fewshot.meta_batches import (
     Episodes,
     encode_episodes,
     episode_metrics,
@@ -62,77 +61,17 @@ from mneme.app.models.fewshot.protonet import (
     n_way_of,
     record_accuracies,
 )
-from mneme.app.nn.heads.prototypes import METRICS, class_means, prototype_logits
 from torch import Tensor, nn
 
-CLASSIFIER = "mneme.app.models.classifier.ContinualClassifier"
-ALIGNER = "mneme.app.models.aligner.ContrastiveAligner"
-# Also the names the classes are exported under (configs write ``mneme.app.X``).
-ALIASES = {"mneme.app.ContinualClassifier": CLASSIFIER, "mneme.app.ContrastiveAligner": ALIGNER}
 METHODS = ("zero_shot", "prototypes", "finetune")
-
-
-def _model_class(class_path: str) -> type[LightningModule]:
-    if class_path == CLASSIFIER:
-        from mneme.app.models.classifier import ContinualClassifier
-
-        return ContinualClassifier
-    from mneme.app.models.aligner import ContrastiveAligner
-
-    return ContrastiveAligner
-
-
-def checkpoint_class_path(checkpoint: dict[str, Any], path: str) -> str:
-    """The module class a checkpoint holds, which must be a ContinualClassifier or a
-    ContrastiveAligner: its recorded ``_class_path`` (the CLI's), else the one class whose
-    arguments cover every saved hyperparameter. Read as text: nothing is imported."""
-    from mneme.app.cli.checks import LEGACY_PREFIXES
-
-    field = "model.checkpoint"
-    hparams = checkpoint.get("hyper_parameters") or {}
-    saved = hparams.get("_class_path")
-    if isinstance(saved, str):
-        for old, new in LEGACY_PREFIXES.items():
-            saved = new + saved[len(old) :] if saved.startswith(old) else saved
-        saved = ALIASES.get(saved, saved)
-        if saved not in (CLASSIFIER, ALIGNER):
-            raise ConfigError(
-                f"{field}: '{path}' holds a {saved}; few-shot evaluation takes a checkpoint "
-                "of mneme.app.ContinualClassifier or mneme.app.ContrastiveAligner"
-            )
-        return saved
-    keys = {k for k in hparams if not k.startswith("_")}
-    fits = [
-        c
-        for c in (CLASSIFIER, ALIGNER)
-        if keys and keys <= set(inspect.signature(_model_class(c).__init__).parameters)
-    ]
-    if len(fits) != 1:
-        raise ConfigError(
-            f"{field}: '{path}' is not a checkpoint of mneme.app.ContinualClassifier or "
-            "mneme.app.ContrastiveAligner (its hyperparameters fit neither)"
-        )
-    return fits[0]
 
 
 def load_model(path: str) -> LightningModule:
     """A trained ContinualClassifier or ContrastiveAligner from its checkpoint, refused in
     one line when it is another module's, unsafe (``weights_only``) or unreadable."""
-    from mneme.app.cli.checks import check_checkpoint
-
-    try:
-        checkpoint = check_checkpoint(path)
-    except ConfigError as error:
-        raise ConfigError(str(error).replace("ckpt_path:", "model.checkpoint:", 1)) from None
-    if checkpoint is None:
-        raise ConfigError(f"model.checkpoint: a checkpoint file, got {path!r}")
-    cls = _model_class(checkpoint_class_path(checkpoint, path))
-    # In a context of its own: LightningCLI builds the evaluator inside a context variable
-    # holding the evaluator's hyperparameters, which save_hyperparameters would otherwise
-    # give the loaded model too (and its build fails on a missing ``multi_head``).
-    load = partial(cls.load_from_checkpoint, path, map_location="cpu", weights_only=True)
-    model = contextvars.Context().run(load)
-    return model.eval().requires_grad_(False)
+    return load_trained_module(
+        path, (CLASSIFIER, ALIGNER), ALIASES, "model.checkpoint", "few-shot evaluation"
+    )
 
 
 class FewShotEvaluator(LightningModule):

@@ -178,9 +178,17 @@ class MetaLearner(LightningModule):
         hp = self.hparams
         self.hparams.update(input_shape=input_shape, n_way=n_way)
         self.n_way = n_way
-        self.encoder = create_backbone(
-            hp.encoder, input_shape, args=hp.encoder_args, weights=hp.encoder_weights
+        from mneme.app.nn.modalities import field_front_end
+
+        # audio through the log-mel front end, as the aligner's audio tower
+        front_end = field_front_end(
+            self.input_key, input_shape, hp.encoder, hp.encoder_args, hp.encoder_weights
         )
+        if front_end is None:
+            front_end = create_backbone(
+                hp.encoder, input_shape, args=hp.encoder_args, weights=hp.encoder_weights
+            )
+        self.encoder = front_end
         self.width = feature_dim(self.encoder, input_shape)
         if hp.head_init == "learned":
             self.head = nn.Linear(self.width, n_way)

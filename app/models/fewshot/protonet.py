@@ -27,7 +27,7 @@ Example (YAML)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -38,56 +38,15 @@ from mneme.app.core.errors import ConfigError
 from mneme.app.finetuning.adaptation import freeze_norm_statistics
 from mneme.app.nn.backbones import backbone_from_hparams
 from mneme.app.nn.heads.prototypes import METRICS, class_means, prototype_logits
+from mneme.datamodules.fewshot.meta_batches import (
+    Episodes,
+    encode_episodes,
+    episode_metrics,
+    eval_settings_of,
+    n_way_of,
+    record_accuracies,
+)
 from torch import Tensor, nn
-from torchmetrics import CatMetric
-
-Episodes = dict[str, Any]
-
-
-# -- episode helpers, shared with the few-shot evaluator ------------------------------------
-def encode_episodes(
-    encode: Callable[[Tensor], Tensor], batch: Episodes, key: str
-) -> tuple[Tensor, Tensor]:
-    """Embeddings of a meta-batch's support ``(T, N*K, D)`` and query ``(T, N*Q, D)``
-    samples of field ``key``, in one pass of ``encode`` over all ``T`` tasks."""
-    support, query = batch["support"][key], batch["query"][key]
-    t, nk, nq = support.shape[0], support.shape[1], query.shape[1]
-    x = torch.cat([support.flatten(0, 1), query.flatten(0, 1)])
-    z = encode(x)
-    return z[: t * nk].view(t, nk, -1), z[t * nk :].view(t, nq, -1)
-
-
-def n_way_of(batch: Episodes) -> int:
-    """The episodes' ``N`` (``classes`` is ``(T, N)``)."""
-    return int(batch["classes"].shape[1])
-
-
-def kept_episodes(batch: Episodes) -> Tensor | None:
-    """Which episodes count (``None``: all): a loader that pads the last batches of a rank
-    with repeated episodes may flag them in ``batch["padded"]`` ``(T,)``."""
-    padded = batch.get("padded")
-    return None if padded is None else ~padded.bool()
-
-
-def record_accuracies(metric: CatMetric, correct: Tensor, batch: Episodes) -> None:
-    """Add each episode's query accuracy (``correct`` ``(T, N*Q)`` bool) to ``metric``."""
-    accuracy = correct.float().mean(dim=1)
-    keep = kept_episodes(batch)
-    metric.update(accuracy if keep is None else accuracy[keep.to(accuracy.device)])
-
-
-def episode_metrics(count: int) -> nn.ModuleList:
-    """``count`` fresh ``CatMetric``\\ s of per-episode accuracies (synced across ranks)."""
-    return nn.ModuleList(CatMetric(nan_strategy="error") for _ in range(count))
-
-
-def eval_settings_of(datamodule: Any) -> list[tuple[int, int]]:
-    """The datamodule's evaluation settings ``[(n_way, k_shot), ...]`` (one test loader
-    each); its training setting when it declares none."""
-    settings = getattr(datamodule, "eval_settings", None)
-    if not settings:
-        settings = [(datamodule.n_way, datamodule.k_shot)]
-    return [(int(n), int(k)) for n, k in settings]
 
 
 # -- the module -----------------------------------------------------------------------------
@@ -142,7 +101,17 @@ class PrototypicalNetwork(LightningModule):
     def _build(self, input_shape: tuple[int, ...]) -> None:
         hp = self.hparams
         self.hparams.update(input_shape=list(input_shape), input_key=self.input_key)
-        self.encoder = backbone_from_hparams(hp, input_shape)
+        from mneme.app.nn.modalities import field_front_end
+
+        image_only = {
+            "model.encoder_pretrained": hp.encoder_pretrained,
+            "model.encoder_input_size": hp.encoder_input_size,
+        }
+        # audio through the log-mel front end, as the aligner's audio tower
+        front_end = field_front_end(
+            self.input_key, input_shape, hp.encoder, hp.encoder_args, hp.encoder_weights, image_only
+        )
+        self.encoder = backbone_from_hparams(hp, input_shape) if front_end is None else front_end
         if hp.freeze_encoder:
             self.encoder.requires_grad_(False)
             freeze_norm_statistics(self.encoder)

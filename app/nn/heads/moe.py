@@ -39,10 +39,9 @@ Example (YAML)::
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -54,9 +53,10 @@ BALANCE_OUTPUT = "moe_balance"  # the key of the training outputs the loss term 
 FIELD = "model.head"
 
 
-def is_moe(spec: dict[str, Any] | None) -> bool:
-    """Whether a ``model.head`` spec names the mixture-of-experts head."""
-    return bool(spec) and dict(spec).get("name") == MOE
+def _distributed() -> bool:
+    """Whether this process is one of several of an initialized process group."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class Expert(nn.Module):
@@ -97,6 +97,12 @@ class MoEHead(nn.Module):
         normalize_top_k: renormalize the chosen experts' weights to sum to 1.
         dropout: dropout inside each expert.
     """
+
+    # its config keys (``model.head``), checked by the head registry
+    spec_keys: ClassVar[tuple[str, ...]] = (
+        "num_experts", "top_k", "hidden", "experts_per_experience", "freeze_old",
+        "balance_weight", "normalize_top_k", "dropout",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -140,6 +146,8 @@ class MoEHead(nn.Module):
         self.register_buffer("routing_counts", torch.zeros(0))  # this experience's slots
         self.last_balance_loss: Tensor | None = None
         self._last_counts: Tensor | None = None
+        # parameters made after DDP wrapped the model (see start_experience)
+        self._outside_ddp: list[nn.Parameter] = []
         self.grow_to(1)
 
     # -- generations ----------------------------------------------------------------------
@@ -206,6 +214,8 @@ class MoEHead(nn.Module):
         shape = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
         probs, chosen, weights = self.route(x)
+        if torch.compiler.is_exporting():  # torch.export / ONNX: no data-dependent shapes
+            return self._dense(x, probs, chosen, weights).view(*shape, self.out_dim)
         out = None
         for e, expert in enumerate(self.experts):
             rows, slot = (chosen == e).nonzero(as_tuple=True)
@@ -220,6 +230,13 @@ class MoEHead(nn.Module):
         self.last_balance_loss = balance_loss(probs, chosen, self.num_experts)
         self._last_counts = F.one_hot(chosen, self.num_experts).sum(dim=(0, 1)).detach()
         return out.view(*shape, self.out_dim)
+
+    def _dense(self, x: Tensor, probs: Tensor, chosen: Tensor, weights: Tensor) -> Tensor:
+        """The same sum as the sparse dispatch, every expert run on every sample with a
+        weight of 0 where it was not chosen: the traceable form an export records."""
+        dense = torch.zeros_like(probs).scatter(1, chosen, weights.to(probs.dtype))
+        outputs = torch.stack([expert(x) for expert in self.experts], dim=1)  # (N, E, out)
+        return (outputs * dense.to(outputs.dtype).unsqueeze(-1)).sum(dim=1)
 
     def step_outputs(self) -> dict[str, Tensor]:
         """What the training step's outputs carry from the head's last forward (the
@@ -237,8 +254,36 @@ class MoEHead(nn.Module):
         for params in self.grow_to(self.generations_for(experience)):
             for optimizer in optimizers[:1]:
                 optimizer.add_param_group({"params": params})
+            if _distributed():
+                # DDP registered the parameters it wrapped at the start of the fit; a
+                # generation made since is not among them: its gradients would stay each
+                # rank's own, and the ranks' experts drift apart (a run resumed here, whose
+                # DDP wraps them, would then differ from the uninterrupted one). Start them
+                # equal and average their gradients as DDP would (average_outside_ddp).
+                for p in params:
+                    torch.distributed.broadcast(p.data, src=0)
+                self._outside_ddp += params
         if first_epoch:
             self.routing_counts.zero_()
+
+    def average_outside_ddp(self) -> None:
+        """Average the gradients of the generations made after DDP wrapped the model over
+        the ranks, as DDP's reducer averages the others (with unused-parameter detection: a
+        rank that did not use a parameter adds zeros; unused on every rank, its gradient
+        stays ``None``). The host calls it before each optimizer step, on every rank."""
+        params = [p for p in self._outside_ddp if p.requires_grad]
+        if not params or not _distributed():
+            return
+        used = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+        # divided before the sum, as DDP's reducer does: the same bits as its average
+        flat = torch.cat([g.flatten() for g in grads]) / torch.distributed.get_world_size()
+        torch.distributed.all_reduce(used)
+        torch.distributed.all_reduce(flat)
+        chunks = flat.split([p.numel() for p in params])
+        for p, chunk, count in zip(params, chunks, used.tolist(), strict=True):
+            if count > 0:
+                p.grad = chunk.view_as(p).clone()
 
     def routing_fractions(self) -> Tensor:
         """Fraction of the running experience's routing slots each expert got."""
@@ -267,17 +312,6 @@ class MoEHead(nn.Module):
                     bucket_counts=counts.tolist(),
                     global_step=experience,
                 )
-
-
-def build_moe_head(spec: dict[str, Any], in_dim: int, out_dim: int, field: str = FIELD) -> MoEHead:
-    """The :class:`MoEHead` a ``{name: moe, ...}`` spec names, its keys checked."""
-    spec = dict(spec)
-    spec.pop("name", None)
-    accepted = [p for p in inspect.signature(MoEHead.__init__).parameters][3:-1]
-    unknown = sorted(set(spec) - set(accepted))
-    if unknown:
-        raise ConfigError(f"{field}: moe takes {', '.join(accepted)}, not {', '.join(unknown)}")
-    return MoEHead(in_dim, out_dim, **spec, field=field)
 
 
 def moe_param_groups(module: nn.Module, head: MoEHead) -> list[dict[str, Any]]:

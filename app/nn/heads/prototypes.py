@@ -38,19 +38,23 @@ learning".
 
 from __future__ import annotations
 
-import difflib
-import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from mneme.app.core.errors import ConfigError
-from mneme.app.core.seeding import run_seed
+from mneme.app.core.seeding import keyed_generator, run_seed
+from mneme.app.nn.heads.class_statistics import (
+    STAT_DTYPE,
+    ClassStatistics,
+    class_sums,
+    float64_zeros,
+    ridge_solve,
+    select_ridge,
+)
 from torch import Tensor, nn
-from torchmetrics import Metric
 
-STAT_DTYPE = torch.float64  # sums of many terms: float64, so the order of addition hardly matters
 METRICS = ("cosine", "euclidean")
 FIELD = "model.head"
 LINEAR = "linear"
@@ -60,16 +64,6 @@ DEFAULT_RIDGES = (1e-2, 1e-1, 1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6)
 
 
 # -- the statistics -------------------------------------------------------------------------
-def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums ``(C, D)`` of ``features`` ``(N, D)`` and counts ``(C,)``, float64;
-    differentiable (a prototypical network trains through its support prototypes)."""
-    features = features.to(STAT_DTYPE)
-    labels = labels.to(features.device, torch.long)
-    sums = features.new_zeros((num_classes, features.shape[1])).index_add_(0, labels, features)
-    counts = torch.bincount(labels, minlength=num_classes)[:num_classes].to(STAT_DTYPE)
-    return sums, counts
-
-
 def means_of(sums: Tensor, counts: Tensor) -> Tensor:
     """Class means from sums and counts (zero for a class without samples)."""
     return sums / counts.clamp_min(1).unsqueeze(1)
@@ -109,134 +103,6 @@ def prototype_logits(features: Tensor, prototypes: Tensor, metric: str = "euclid
     raise ConfigError(f"{FIELD}.metric: one of {METRICS}, got {metric!r}")
 
 
-def all_reduce_sum(tensor: Tensor, group: Any = None) -> list[Tensor]:
-    """torchmetrics' ``dist_sync_fn`` for summed states: one all-reduce, where the default
-    all-gathers every process's copy first (a 5000 x 5000 float64 Gram matrix is 200 MB)."""
-    reduced = tensor.clone()
-    torch.distributed.all_reduce(reduced, group=group)
-    return [reduced]  # torchmetrics stacks the list and sums it: the sum of one term
-
-
-class ClassStatistics(Metric):
-    """Statistics of one pass over labelled features, summed across processes on
-    ``compute()``: per-class ``sums`` ``(C, D)`` and ``counts`` ``(C,)``; with
-    ``projection_dim`` ``M`` also, of projected features ``h`` ``(N, M)`` and one-hot labels
-    ``y``, the Gram matrix ``gram = Σ h hᵀ`` ``(M, M)`` and ``cross = Σ h yᵀ`` ``(M, C)``,
-    and the same of the held-out samples (``gram_val``, ``cross_val``, ``count_val = Σ‖y‖²``).
-
-    ``compute()`` returns the states (summed over processes under ``torch.distributed``) as
-    a dict. All float64.
-    """
-
-    full_state_update = False
-    is_differentiable = False
-
-    sums: Tensor
-    counts: Tensor
-
-    def __init__(
-        self,
-        num_classes: int,
-        feature_dim: int,
-        projection_dim: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        kwargs.setdefault("dist_sync_fn", all_reduce_sum)
-        super().__init__(**kwargs)
-        self.num_classes = num_classes
-        self.projection_dim = projection_dim
-        self.add_state("sums", _zeros(num_classes, feature_dim), dist_reduce_fx="sum")
-        self.add_state("counts", _zeros(num_classes), dist_reduce_fx="sum")
-        if projection_dim is not None:
-            m = projection_dim
-            for suffix in ("", "_val"):
-                self.add_state(f"gram{suffix}", _zeros(m, m), dist_reduce_fx="sum")
-                self.add_state(f"cross{suffix}", _zeros(m, num_classes), dist_reduce_fx="sum")
-            self.add_state("count_val", _zeros(), dist_reduce_fx="sum")
-
-    def update(
-        self,
-        features: Tensor,
-        labels: Tensor,
-        projected: Tensor | None = None,
-        holdout: Tensor | None = None,
-    ) -> None:
-        """Add a batch: ``features`` ``(N, D)``, class indices ``labels`` ``(N,)``, and for
-        the Gram statistics the ``projected`` features ``(N, M)`` and which samples are held
-        out (``holdout``, a bool mask)."""
-        sums, counts = class_sums(features.detach(), labels, self.num_classes)
-        self.sums += sums
-        self.counts += counts
-        if self.projection_dim is None:
-            return
-        if projected is None:
-            raise ValueError("ClassStatistics with projection_dim needs the projected features")
-        self._add_gram(projected, labels, "")
-        if holdout is not None and bool(holdout.any()):
-            self._add_gram(projected[holdout], labels[holdout], "_val")
-            self.count_val += holdout.sum().to(STAT_DTYPE)
-
-    def _add_gram(self, projected: Tensor, labels: Tensor, suffix: str) -> None:
-        # In float64: the ridge solution amplifies rounding by the Gram's condition number
-        # (float32 batch products left DDP and single-process weights 1e-4 apart).
-        h = projected.detach().to(STAT_DTYPE)
-        getattr(self, f"gram{suffix}").add_(h.T @ h)
-        getattr(self, f"cross{suffix}").add_(class_sums(h, labels, self.num_classes)[0].T)
-
-    def compute(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name) for name in self._defaults}
-
-
-def _zeros(*shape: int) -> Tensor:
-    return torch.zeros(shape, dtype=STAT_DTYPE)
-
-
-# -- ridge regression -----------------------------------------------------------------------
-def ridge_solve(gram: Tensor, cross: Tensor, ridge: float) -> Tensor:
-    """``W = (G + λI)⁻¹ Q`` in float64: Cholesky (``G + λI`` is symmetric positive definite
-    for ``λ > 0``), LU where rounding leaves it indefinite."""
-    a = gram.to(STAT_DTYPE, copy=True)
-    a.diagonal().add_(ridge)
-    b = cross.to(STAT_DTYPE)
-    factor, info = torch.linalg.cholesky_ex(a)
-    if int(info) == 0:
-        return torch.cholesky_solve(b, factor)
-    return torch.linalg.solve(a, b)
-
-
-def heldout_squared_error(
-    weights: Tensor, gram_val: Tensor, cross_val: Tensor, count_val
-) -> Tensor:
-    """``Σ ‖y - Wᵀh‖²`` over held-out samples, from their statistics alone:
-    ``Σ‖y‖² - 2 tr(Wᵀ Q_val) + tr(Wᵀ G_val W)``."""
-    w = weights.to(STAT_DTYPE)
-    return count_val - 2 * (w * cross_val).sum() + (w * (gram_val @ w)).sum()
-
-
-def select_ridge(
-    gram: Tensor,
-    cross: Tensor,
-    gram_val: Tensor,
-    cross_val: Tensor,
-    count_val: Tensor | float,
-    ridges: Sequence[float],
-) -> tuple[float, list[float]]:
-    """The ridge of ``ridges`` whose solution on the fitting samples (all minus held-out:
-    ``G - G_val``, ``Q - Q_val``) has the least held-out squared error, and every ridge's
-    error (as RanPAC's official code selects, by held-out MSE). Without held-out samples,
-    or with one ridge: the largest ridge."""
-    if len(ridges) == 1 or float(count_val) == 0:
-        return float(max(ridges)), []
-    gram_fit, cross_fit = gram - gram_val, cross - cross_val
-    errors = []
-    for r in ridges:
-        weights = ridge_solve(gram_fit, cross_fit, r)
-        errors.append(float(heldout_squared_error(weights, gram_val, cross_val, count_val)))
-    best = min(range(len(ridges)), key=errors.__getitem__)
-    return float(ridges[best]), errors
-
-
-# -- the heads ------------------------------------------------------------------------------
 def _refresh_after_load(module: PrototypeHead, incompatible_keys: Any) -> None:
     module.refresh()
 
@@ -263,8 +129,8 @@ class PrototypeHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.feature_dim = feature_dim
-        self.register_buffer("sums", _zeros(num_classes, feature_dim))
-        self.register_buffer("counts", _zeros(num_classes))
+        self.register_buffer("sums", float64_zeros(num_classes, feature_dim))
+        self.register_buffer("counts", float64_zeros(num_classes))
         self.register_buffer("fitted_experiences", torch.zeros((), dtype=torch.long))
         self.register_buffer("seen", torch.zeros(num_classes, dtype=torch.bool), persistent=False)
         self.ready = False
@@ -369,6 +235,8 @@ class NCMHead(PrototypeHead):
         normalize: scale each feature to unit length before averaging and scoring.
     """
 
+    spec_keys: ClassVar[tuple[str, ...]] = ("metric", "normalize")  # its config keys
+
     def __init__(
         self, num_classes: int, feature_dim: int, metric: str = "cosine", normalize: bool = False
     ) -> None:
@@ -402,6 +270,8 @@ class SimpleCILHead(NCMHead):
     prototypes of the frozen (or, APER, first-experience-adapted) backbone: the same
     prediction as ``{name: ncm, metric: cosine}``, named for the paper's recipe."""
 
+    spec_keys: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, num_classes: int, feature_dim: int) -> None:
         super().__init__(num_classes, feature_dim, metric="cosine", normalize=False)
 
@@ -430,6 +300,8 @@ class RanPACHead(PrototypeHead):
     Size: ``G`` and ``G_val`` are ``M x M`` float64 each (400 MB together at ``M = 5000``),
     in memory and in every checkpoint.
     """
+
+    spec_keys: ClassVar[tuple[str, ...]] = ("projection_dim", "ridges", "holdout", "seed")
 
     def __init__(
         self,
@@ -464,11 +336,11 @@ class RanPACHead(PrototypeHead):
         )
         m = projection_dim
         for suffix in ("", "_val"):
-            self.register_buffer(f"gram{suffix}", _zeros(m, m))
-            self.register_buffer(f"cross{suffix}", _zeros(m, num_classes))
-        self.register_buffer("count_val", _zeros())
+            self.register_buffer(f"gram{suffix}", float64_zeros(m, m))
+            self.register_buffer(f"cross{suffix}", float64_zeros(m, num_classes))
+        self.register_buffer("count_val", float64_zeros())
         self.register_buffer("weights", torch.zeros(m, num_classes))
-        self.register_buffer("ridge", _zeros())
+        self.register_buffer("ridge", float64_zeros())
         self.ridge_errors: list[float] = []  # held-out squared error of each ridge, last solve
 
     def project(self, features: Tensor) -> Tensor:
@@ -480,9 +352,7 @@ class RanPACHead(PrototypeHead):
     def holdout_mask(self, num_samples: int, experience: int) -> Tensor | None:
         if self.holdout == 0:
             return None
-        from mneme.callbacks.strategies.replay import derive_seed
-
-        generator = torch.Generator().manual_seed(derive_seed(int(self.seed), experience))
+        generator = keyed_generator(int(self.seed), experience)
         order = torch.randperm(num_samples, generator=generator)
         mask = torch.zeros(num_samples, dtype=torch.bool)
         mask[order[: round(self.holdout * num_samples)]] = True
@@ -505,39 +375,6 @@ class RanPACHead(PrototypeHead):
         )
 
 
-HEADS: dict[str, type[PrototypeHead]] = {
-    "ncm": NCMHead,
-    "simplecil": SimpleCILHead,
-    "ranpac": RanPACHead,
-}
-
-
 def head_name(spec: dict[str, Any] | None) -> str:
     """The head a ``model.head`` spec names (``linear`` when none)."""
     return str((spec or {}).get("name", LINEAR))
-
-
-def build_head(
-    spec: dict[str, Any] | None, num_classes: int, feature_dim: int, field: str = FIELD
-) -> PrototypeHead | None:
-    """The head ``spec`` names (``{name: ..., <its arguments>}``); ``None`` for ``linear``."""
-    spec = dict(spec or {})
-    name = spec.pop("name", LINEAR)
-    choices = [LINEAR, *HEADS]
-    if name == LINEAR:
-        if spec:
-            raise ConfigError(f"{field}: the linear head takes no arguments, got {sorted(spec)}")
-        return None
-    if name not in HEADS:
-        close = difflib.get_close_matches(str(name), choices, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"{field}.name: unknown head {name!r}{hint}; one of {', '.join(choices)}")
-    cls = HEADS[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters][3:]
-    unknown = sorted(set(spec) - set(accepted))
-    if unknown:
-        raise ConfigError(
-            f"{field}: {name} takes {', '.join(accepted) or 'no arguments'}, "
-            f"not {', '.join(unknown)}"
-        )
-    return cls(num_classes, feature_dim, **spec)
