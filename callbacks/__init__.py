@@ -38,7 +38,7 @@ _EXPORTS = {
     "Quantization": "mneme.callbacks.compression.quantization",
     "Replay": "mneme.callbacks.strategies.replay",
     "RobustAccuracy": "mneme.callbacks.training.adversarial",
-    "SpecAugment": "mneme.callbacks.training.augmentation",
+    "SpecAugment": "mneme.callbacks.training.spec_augment",
     "StreamProgressBar": "mneme.callbacks.reporting.progress",
     "TeacherDistillation": "mneme.callbacks.strategies.teacher_distillation",
     "TokenLwF": "mneme.callbacks.strategies.token_lwf",

@@ -8,12 +8,12 @@ import importlib
 
 _EXPORTS = {
     "CSVCaptions": "mneme.datamodules.streams.csv_captions",
-    "CSVImageStream": "mneme.datamodules.streams.files",
+    "CSVImageStream": "mneme.datamodules.streams.csv_images",
     "ConfigError": "mneme.app.core.errors",
     "ContinualDataModule": "mneme.datamodules.continual",
     "EpisodeSampler": "mneme.datamodules.fewshot.episodes",
     "EpisodicDataModule": "mneme.datamodules.fewshot.datamodule",
-    "ImageFolderStream": "mneme.datamodules.streams.files",
+    "ImageFolderStream": "mneme.datamodules.streams.image_folder",
     "MnemeError": "mneme.app.core.errors",
     "PermutedMNISTFile": "mneme.datamodules.streams.digits",
     "SplitCaptionedDigits": "mneme.datamodules.streams.captioned_digits",

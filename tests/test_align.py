@@ -7,8 +7,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from mneme.app.nn.log_mel import LogMel, mel_filterbank
 from mneme.app.nn.losses import AlignmentLoss
-from mneme.app.nn.modalities import LogMel, build_encoder, mel_filterbank
+from mneme.app.nn.modalities import build_encoder
 from mneme.app.nn.retrieval import CrossModalRecall, class_embeddings
 
 D = 32

@@ -115,7 +115,7 @@ def test_apply_to_current_needs_replay_to_mark_rows():
 
 # -- SpecAugment: masks on the audio encoder's log-mel ----------------------------------------
 def test_mask_along_axis_zeroes_bands_within_width_on_the_first_rows():
-    from mneme.callbacks.training.augmentation import mask_along_axis
+    from mneme.callbacks.training.spec_augment import mask_along_axis
 
     spec = torch.randn(6, 1, 20, 30) + 5.0  # no exact zeros
     g = torch.Generator().manual_seed(0)

@@ -924,7 +924,7 @@ def tone_clips(path: Path, clips: int = 120, samples: int = 400) -> Path:
 def test_few_shot_modules_take_audio_through_the_log_mel_front_end(tmp_path, module):
     from lightning.pytorch import Trainer
     from mneme.app import MetaLearner, PrototypicalNetwork
-    from mneme.app.nn.modalities import LogMelAudio
+    from mneme.app.nn.log_mel import LogMelAudio
     from mneme.datamodules import EpisodicDataModule
 
     args = {"path": str(tone_clips(tmp_path / "spoken.npz")), "n_experiences": 1}

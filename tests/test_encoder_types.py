@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from mneme.app.nn.modalities import BUILTIN_MODULES, encoder_class
+from mneme.app.nn.encoder_registry import BUILTIN_MODULES, encoder_class
 from mneme.datamodules import ConfigError
 
 from tests.conftest import ROOT

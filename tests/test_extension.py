@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from mneme.app import ContinualClassifier, ContrastiveAligner
 from mneme.app.core.protocols import Classifier, StrategyHost, require
-from mneme.app.nn.modalities import encoder_type
+from mneme.app.nn.encoder_registry import encoder_type
 from mneme.callbacks import ContinualMetrics, ExperienceCallback, FeatureDistillation, LwF, Replay
 from mneme.callbacks.strategies.buffer_policies import buffer_policy
 from mneme.datamodules import ConfigError, ContinualDataModule

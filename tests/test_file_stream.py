@@ -12,8 +12,8 @@ import torch
 from mneme.app import ContinualClassifier
 from mneme.callbacks import Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
-from mneme.datamodules.data.file_experiences import ImageCodec
-from mneme.datamodules.streams.files import FileExperience, class_order
+from mneme.datamodules.data.file_experiences import FileExperience, ImageCodec
+from mneme.datamodules.streams.file_splits import class_order
 
 from tests.conftest import quiet_trainer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch import seed_everything
 from mneme.app import FusionClassifier
-from mneme.app.models.fusion import encoder_tokens
+from mneme.app.nn.fusion_layers import encoder_tokens
 from mneme.callbacks import EWC, ContinualMetrics, Replay
 from mneme.datamodules import ConfigError, ContinualDataModule
 

@@ -129,7 +129,7 @@ def test_mtil_figures_of_a_partial_run_and_of_one_experience():
 
 
 def test_printed_tables():
-    from mneme.callbacks.reporting.continual_metrics import format_stage, format_summary
+    from mneme.callbacks.reporting.accuracy_tables import format_stage, format_summary
 
     text = format_summary(summarize(R3, B3))
     assert "zero-shot" not in text and "MTIL" not in text

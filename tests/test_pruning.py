@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from mneme.app import ContinualClassifier
 from mneme.callbacks import ContinualMetrics, Pruning
-from mneme.callbacks.compression.pruning import cubic_sparsity
+from mneme.callbacks.compression.pruning_masks import cubic_sparsity
 from mneme.datamodules import ConfigError, ContinualDataModule
 from torch import nn
 from torch.nn.utils import prune

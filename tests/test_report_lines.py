@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 from mneme.callbacks import ContinualMetrics, MMDAdaptation, Pruning, Quantization, RobustAccuracy
-from mneme.callbacks.reporting.continual_metrics import format_matrix, results_lines
+from mneme.callbacks.reporting.accuracy_tables import format_matrix, results_lines
 
 ROWS = [[0.9, 0.0, 0.0], [0.7, 0.95, 0.0], [0.6, 0.8, 0.97]]
 

@@ -22,6 +22,10 @@ import contextlib
 import os
 import sys
 
+# Collective timeout of the DDP strategies the CLI builds (a frozen rank ends the run); here,
+# below both the parser and the messages that name it.
+DDP_TIMEOUT_S = int(os.environ.get("MNEME_DDP_TIMEOUT", "600"))
+
 
 def in_ddp_run() -> bool:
     """Whether this process belongs to an initialized torch.distributed process group."""

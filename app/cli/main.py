@@ -16,6 +16,7 @@ import warnings
 from mneme.app.cli.ddp_exit import end_failed_ddp_run, in_ddp_run
 from mneme.app.cli.error_mode import debug_mode, rank_zero_error
 from mneme.app.cli.lazy_imports import defer_unused_imports
+from mneme.app.cli.option_keys import first_unknown_option
 from mneme.app.cli.parser import (
     FEWSHOT,
     INTERRUPT_STATUS,
@@ -64,6 +65,16 @@ def main(args: list[str] | None = None) -> None:
             f"mneme: error: unknown subcommand '{argv[0]}'; use one of "
             f"{', '.join(SUBCOMMANDS)}, {FEWSHOT}, export, tune"
         )
+    early = first_unknown_option(" ".join([FEWSHOT] * fewshot + argv[:1]), argv[1:])
+    if early and not debug_mode():  # before Lightning, Avalanche and timm are imported
+        from mneme.app.cli.messages import unknown_option
+        from mneme.app.cli.raw_config import check_raw_config
+
+        try:  # its lines first: a field that moved is named with where it went
+            check_raw_config(argv[1:])
+        except MnemeError as error:
+            sys.exit(f"mneme: error: {error}")
+        sys.exit(f"mneme: error: {unknown_option(*early)}")
     quiet_known_noise()
     try:
         run_cli(argv, fewshot)

@@ -43,8 +43,7 @@ MAX_LENGTH = 400
 def summarize_argument_error(message: str, known_keys: list[str] | None = None) -> str:
     """One line from a jsonargparse error: the key, the innermost reasons, a suggestion."""
     if m := re.search(r"unrecognized arguments: (--?[\w.\-]+)", message):
-        key = m.group(1).lstrip("-")
-        return f"{key}: unknown option{_suggest(key, known_keys)}"
+        return unknown_option(m.group(1).lstrip("-"), known_keys)
     if m := re.search(r"Key '([\w.]+)' is not expected", message):
         key = m.group(1)
         return f"{key}: unknown key{_suggest(key, known_keys)}"
@@ -73,6 +72,11 @@ def summarize_argument_error(message: str, known_keys: list[str] | None = None) 
             reasons.append(line)
     text = "; ".join(reasons) or message.strip()
     return _clip(f"{key}: {text}" if key else text)
+
+
+def unknown_option(key: str, known_keys: list[str] | None = None) -> str:
+    """The line for a command-line option no parser option takes, with the closest name."""
+    return f"{key}: unknown option{_suggest(key, known_keys)}"
 
 
 def _public_names(module: str) -> list[str]:
@@ -159,7 +163,7 @@ DDP_FAILURES = {
 
 
 def ddp_timeout_s() -> int:
-    from mneme.app.cli.parser import DDP_TIMEOUT_S
+    from mneme.app.cli.ddp_exit import DDP_TIMEOUT_S
 
     return DDP_TIMEOUT_S
 

@@ -16,6 +16,8 @@ from mneme.app.cli.checks import (
     resolve_ckpt_path,
     trainer_setting_error,
 )
+from mneme.app.cli.ddp_exit import DDP_TIMEOUT_S
+from mneme.app.cli.option_keys import record as record_option_keys
 from mneme.app.cli.raw_config import check_raw_config, import_policy
 from mneme.app.cli.run_checks import check_finite_weights, check_seed, check_state_keys
 from mneme.app.cli.run_folders import (
@@ -76,8 +78,6 @@ SCHEDULE_KEYS = (
 )
 # Exit statuses of an interrupted run, as a shell reports a process ended by the signal.
 INTERRUPT_STATUS = {"SIGTERM": 143, "SIGINT": 130}
-# Collective timeout of the DDP strategies the CLI builds (a frozen rank ends the run).
-DDP_TIMEOUT_S = int(os.environ.get("MNEME_DDP_TIMEOUT", "600"))
 
 
 class RunInterrupted(MnemeError):
@@ -124,6 +124,7 @@ def build_cli(
 
     parsed = isinstance(args, Namespace)  # a configuration this parser made, not text
     asked = [args["subcommand"]] if parsed else (args if args is not None else sys.argv[1:])[:1]
+    command_name = " ".join([FEWSHOT] * fewshot + asked)  # as option_keys records it
 
     class _Parsed(Exception):  # noqa: N818 - carries the configuration out, not an error
         def __init__(self, config: Namespace) -> None:
@@ -158,8 +159,11 @@ def build_cli(
                 message = str(error).replace(
                     "Problems parsing config:", "invalid YAML in --config:"
                 )
-                summary = summarize_argument_error(message, known_keys(parser, message))
-                raise ConfigError(summary) from None
+                keys = known_keys(parser, message)
+                record_option_keys(command_name, keys)
+                raise ConfigError(summarize_argument_error(message, keys)) from None
+            if not parsed:  # for the early check of the next command's options
+                record_option_keys(command_name, known_keys(parser, ""))
             subcommand = self.config.get("subcommand")
             if subcommand:
                 config = self.config[subcommand]

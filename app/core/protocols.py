@@ -19,6 +19,9 @@ Batch = dict[str, Any]
 LossTerm = Callable[[Batch, dict[str, Any]], Any]
 # A training-batch transform: (batch, batch_idx) -> batch, on the device, before forward.
 BatchTransform = Callable[[Batch, int], Batch]
+# The batch key of soft targets (rows summing to 1 over the classes) that a module trains on
+# instead of ``label`` when present: MixUp/CutMix and label smoothing write it.
+SOFT_LABEL = "soft_label"
 
 
 class StrategyHost(Protocol):

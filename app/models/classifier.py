@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
@@ -16,26 +15,20 @@ from mneme.app.core.private_api import exclude_from_ddp_sync
 from mneme.app.core.schedule import (
     current_experience,
     is_experience_end,
-    is_experience_start,
 )
 from mneme.app.finetuning.adaptation import BackboneAdaptation, freeze_norm_statistics
 from mneme.app.finetuning.param_groups import layer_decay_param_groups
 from mneme.app.models.base import Batch, ContinualModule
+from mneme.app.models.head_hooks import HeadHooks
 from mneme.app.models.prediction_rows import DEFAULT_TOP_K, class_rows
 from mneme.app.nn.backbones import backbone_from_hparams
 from mneme.app.nn.encoders import feature_dim
-from mneme.app.nn.heads.moe import MoEHead, add_balance_term, moe_param_groups
 from mneme.app.nn.heads.prototypes import LINEAR
 from mneme.app.nn.heads.registry import create_head
-from mneme.app.nn.soft_targets import soft_cross_entropy
 from torch import Tensor, nn
 
-# A batch key of soft targets (rows summing to 1 over num_classes), trained on instead of
-# ``label`` when present: see mneme.callbacks.training.augmentation.MixUp.
-SOFT_LABEL = "soft_label"
 
-
-class ContinualClassifier(ContinualModule):
+class ContinualClassifier(HeadHooks, ContinualModule):
     """Image classifier for class-, task- and domain-incremental streams.
 
     Heads: one shared head when the stream has a single task label (class-/domain-
@@ -175,8 +168,7 @@ class ContinualClassifier(ContinualModule):
             self._build(datamodule.num_classes, datamodule.num_tasks, shape)
         self._check_fits(datamodule)
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
-        if isinstance(self.head, MoEHead):
-            add_balance_term(self, self.head)
+        self.head_hooks.add_loss_terms(self)
 
     def _check_fits(self, datamodule) -> None:
         """A model built for another stream (a config or checkpoint made for other data)
@@ -254,24 +246,11 @@ class ContinualClassifier(ContinualModule):
         return not any(isinstance(c, BaseFinetuning) for c in callbacks)
 
     # -- checkpoints ----------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        if isinstance(self.head, MoEHead):  # a new experience's experts, before its first step
-            trainer = self.trainer
-            first = is_experience_start(trainer)
-            self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
-        super().on_train_epoch_start()
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if isinstance(self.head, MoEHead):  # experts made after DDP wrapped the model
-            self.head.average_outside_ddp()
-        super().on_before_optimizer_step(optimizer)
-
     def on_train_epoch_end(self) -> None:
         if is_experience_end(self.trainer):  # before the end-of-epoch checkpoint is written
             self.fit_prototypes(current_experience(self.trainer))  # when no validation ran
             self.adaptation.end_experience()
-            if isinstance(self.head, MoEHead):
-                self.head.log_routing(self.trainer.loggers, current_experience(self.trainer))
+            self.end_head_experience()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of a model made for another stream is refused naming the field,
@@ -291,23 +270,22 @@ class ContinualClassifier(ContinualModule):
                     f"model.{key}: the checkpoint's model has {key} {theirs}, this stream's "
                     f"is {ours}; use the config (stream) the checkpoint was trained with"
                 )
-        if isinstance(self.head, MoEHead):  # as many experts as it saved, before they load
-            self.head.restore(checkpoint.get("state_dict", {}), "head.")
+        self.restore_head(checkpoint)  # e.g. as many experts as it saved, before they load
 
     def optimizer_parameters(self):
         """The trainable parameters, in per-layer groups with ``layer_decay``."""
-        moe = isinstance(self.head, MoEHead)  # a group per expert generation (resumable)
-        if self.hparams.layer_decay is None:
-            return moe_param_groups(self, self.head) if moe else super().optimizer_parameters()
+        if self.hparams.layer_decay is None:  # HeadHooks': the head's own groups, if any
+            return super().optimizer_parameters()
         if not 0 < self.hparams.layer_decay <= 1:
             raise ConfigError(
                 f"model.layer_decay: in (0, 1], got {self.hparams.layer_decay} "
                 "(0.65-0.9 is usual for fine-tuning)"
             )
+        own = self.head_hooks.param_groups()  # a group per expert generation (resumable)
         groups = layer_decay_param_groups(
-            self.encoder, None if moe else self.head, layer_decay=self.hparams.layer_decay
+            self.encoder, None if own else self.head, layer_decay=self.hparams.layer_decay
         )
-        return groups + (self.head.param_groups() if moe else [])
+        return groups + own
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x: Tensor, task: Tensor | None = None) -> Tensor:
@@ -360,14 +338,7 @@ class ContinualClassifier(ContinualModule):
     def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         features = self.features(batch[self.input_key], batch["task"])
         logits = self.linear_logits(features, batch["task"])
-        if SOFT_LABEL in batch:  # soft targets (MixUp/CutMix, label smoothing)
-            terms = {"ce": soft_cross_entropy(logits, batch[SOFT_LABEL])}
-        else:
-            terms = {"ce": F.cross_entropy(logits, batch["label"])}
-        outputs = {"logits": logits, "features": features}
-        if isinstance(self.head, MoEHead):  # its load-balancing loss, for the loss term
-            outputs.update(self.head.step_outputs())
-        return terms, outputs
+        return self.classification_terms(logits, features, batch)
 
     # -- evaluation -----------------------------------------------------------------------
     predict_top_k = DEFAULT_TOP_K  # set by PredictionWriter (--predictions.top_k)

@@ -15,7 +15,8 @@ Encoders are named per modality exactly as for :class:`mneme.app.ContrastiveAlig
   residual); each query modality's tokens are mean-pooled, the pools concatenated,
   ``LayerNorm``, then the head.
 
-Tokens, where the encoder offers them (:func:`encoder_tokens`): a timm model's
+Tokens, where the encoder offers them
+(:func:`mneme.app.nn.fusion_layers.encoder_tokens`): a timm model's
 ``forward_features`` (a ViT's patch and prefix tokens; a CNN's feature map, one token per
 position); Mneme's ``mneme_cnn`` the map before its global pooling; audio (``log_mel``) the
 CNN's map over the spectrogram averaged over frequency, one token per time frame; an
@@ -48,123 +49,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import ExperienceAccuracy
-from mneme.app.core.schedule import current_experience, is_experience_end, is_experience_start
+from mneme.app.core.schedule import is_experience_end
 from mneme.app.models.base import Batch, ContinualModule
+from mneme.app.models.head_hooks import HeadHooks
 from mneme.app.models.prediction_rows import DEFAULT_TOP_K, class_rows
-from mneme.app.nn.heads.moe import MoEHead, add_balance_term, moe_param_groups
+from mneme.app.nn.fusion_layers import CrossAttentionBlock, encoder_tokens, masked_mean
 from mneme.app.nn.heads.registry import create_head, head_type
-from mneme.app.nn.modalities import LogMelAudio, OpenClipText, build_encoder
-from mneme.app.nn.soft_targets import soft_cross_entropy
+from mneme.app.nn.modalities import build_encoder
 from torch import Tensor, nn
 
 FUSIONS = ("cross_attention", "late")
 FUSION_HEADS = ("linear", "routed")  # the registry's linear and MoE heads (no prototypes)
-SOFT_LABEL = "soft_label"  # as mneme.app.models.classifier: MixUp's soft targets
 DEFAULT_ENCODERS = {
     "audio": {"model": "mneme_cnn", "args": {"widths": [16, 32]}, "n_mels": 32, "hop_length": 128},
     "image": {"model": "mneme_cnn", "args": {"widths": [16, 32]}},
 }
 
 
-# -- tokens -----------------------------------------------------------------------------------
-def _feature_map(model: nn.Module, x: Tensor) -> Tensor:
-    """A timm model's ``forward_features``; for Mneme's small CNN (no ``forward_features``)
-    the layers of its ``features`` before the global pooling; else the model's output."""
-    if hasattr(model, "forward_features"):
-        out = model.forward_features(x)
-        if getattr(model, "output_fmt", "NCHW") == "NHWC" and out.ndim == 4:  # timm's swin
-            out = out.permute(0, 3, 1, 2)
-        return out
-    layers = getattr(model, "features", None)
-    if isinstance(layers, nn.Sequential) and any(
-        isinstance(m, nn.AdaptiveAvgPool2d) for m in layers
-    ):
-        for layer in layers:
-            if isinstance(layer, nn.AdaptiveAvgPool2d):
-                return x
-            x = layer(x)
-    return model(x)
-
-
-def _as_tokens(out: Tensor, over_time: bool) -> Tensor:
-    """``(N, T, D)`` tokens from a feature map ``(N, C, H, W)`` (one per position, or with
-    ``over_time`` one per column: frequency averaged), tokens, or a vector (one token)."""
-    if out.ndim == 4:
-        return out.mean(dim=2).transpose(1, 2) if over_time else out.flatten(2).transpose(1, 2)
-    if out.ndim == 3:
-        return out
-    return out.flatten(1).unsqueeze(1)  # not len(out): an export keeps the batch dynamic
-
-
-def encoder_tokens(encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Tokens ``(N, T, D)`` of one modality's encoder (a type of
-    :data:`mneme.app.nn.modalities.ENCODER_TYPES`) and its padding mask ``(N, T)`` (``True`` =
-    padding) or ``None``."""
-    if isinstance(encoder, LogMelAudio):
-        spectrogram = encoder.frontend(x)
-        # a strategy's spectrogram masks (mneme.callbacks.SpecAugment), as its forward applies
-        spectrogram = getattr(encoder, "feature_transform", nn.Identity())(spectrogram)
-        return _as_tokens(_feature_map(encoder.backbone, spectrogram), True), None
-    if isinstance(encoder, OpenClipText):
-        ids = x.long()
-        if ids.shape[1] < encoder.context_length:
-            ids = F.pad(ids, (0, encoder.context_length - ids.shape[1]))
-        tower, before = encoder.tower, encoder.tower.output_tokens
-        tower.output_tokens = True  # open_clip's switch for the per-position outputs
-        try:
-            _, tokens = tower(ids)
-        finally:
-            tower.output_tokens = before
-        tokens = tokens[:, : ids.shape[1]]
-        padding = ids == 0
-        padding[:, 0] = False  # the start token is never padding: no query sees no key
-        return tokens, padding
-    backbone = getattr(encoder, "backbone", None)
-    if backbone is not None and hasattr(encoder, "adaptation"):  # timm (TimmImage)
-        return _as_tokens(_feature_map(backbone, x.float()), False), None
-    return _as_tokens(encoder(x), False), None
-
-
-def _masked_mean(tokens: Tensor, padding: Tensor | None) -> Tensor:
-    if padding is None:
-        return tokens.mean(dim=1)
-    keep = (~padding).unsqueeze(-1).to(tokens.dtype)
-    return (tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1)
-
-
-class CrossAttentionBlock(nn.Module):
-    """Pre-norm cross-attention: ``q + MHA(LN(q), LN(kv))``, then ``q + MLP(LN(q))``."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, mlp_ratio: int = 2):
-        super().__init__()
-        self.norm_q, self.norm_kv, self.norm_mlp = (
-            nn.LayerNorm(dim),
-            nn.LayerNorm(dim),
-            nn.LayerNorm(dim),
-        )
-        self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, mlp_ratio * dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(mlp_ratio * dim, dim),
-        )
-
-    def forward(self, q: Tensor, kv: Tensor, kv_padding: Tensor | None = None) -> Tensor:
-        kv = self.norm_kv(kv)
-        attended, _ = self.attention(
-            self.norm_q(q), kv, kv, key_padding_mask=kv_padding, need_weights=False
-        )
-        q = q + attended
-        return q + self.mlp(self.norm_mlp(q))
-
-
 # -- the module -------------------------------------------------------------------------------
-class FusionClassifier(ContinualModule):
+class FusionClassifier(HeadHooks, ContinualModule):
     """Joint classifier over paired modalities (see the module docstring).
 
     Args:
@@ -302,8 +208,7 @@ class FusionClassifier(ContinualModule):
                 f"{datamodule.num_classes}; use a model (or checkpoint) made for this stream"
             )
         self.experience_accuracy = ExperienceAccuracy(len(datamodule.test_experiences))
-        if isinstance(self.head, MoEHead):
-            add_balance_term(self, self.head)
+        self.head_hooks.add_loss_terms(self)
 
     # -- forward --------------------------------------------------------------------------
     def fuse(self, inputs: Batch) -> Tensor:
@@ -334,7 +239,7 @@ class FusionClassifier(ContinualModule):
             x = tokens[q]
             for block in self.blocks[q]:
                 x = block(x, kv, kv_padding)
-            pooled.append(_masked_mean(x, padding[q]))
+            pooled.append(masked_mean(x, padding[q]))
         return self.norm(torch.cat(pooled, dim=-1))
 
     def logits(self, fused: Tensor) -> Tensor:
@@ -362,35 +267,11 @@ class FusionClassifier(ContinualModule):
     def training_terms(self, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         fused = self.fuse(batch)
         logits = self.logits(fused)
-        if SOFT_LABEL in batch:
-            terms = {"ce": soft_cross_entropy(logits, batch[SOFT_LABEL])}
-        else:
-            terms = {"ce": F.cross_entropy(logits, batch["label"])}
-        outputs = {"logits": logits, "features": fused}
-        if isinstance(self.head, MoEHead):
-            outputs.update(self.head.step_outputs())
-        return terms, outputs
-
-    def optimizer_parameters(self):
-        if isinstance(self.head, MoEHead):  # a group per expert generation (resumable)
-            return moe_param_groups(self, self.head)
-        return super().optimizer_parameters()
-
-    def on_train_epoch_start(self) -> None:
-        if isinstance(self.head, MoEHead):
-            trainer = self.trainer
-            first = is_experience_start(trainer)
-            self.head.start_experience(current_experience(trainer), trainer.optimizers, first)
-        super().on_train_epoch_start()
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if isinstance(self.head, MoEHead):  # experts made after DDP wrapped the model
-            self.head.average_outside_ddp()
-        super().on_before_optimizer_step(optimizer)
+        return self.classification_terms(logits, fused, batch)
 
     def on_train_epoch_end(self) -> None:
-        if isinstance(self.head, MoEHead) and is_experience_end(self.trainer):
-            self.head.log_routing(self.trainer.loggers, current_experience(self.trainer))
+        if is_experience_end(self.trainer):
+            self.end_head_experience()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -402,8 +283,7 @@ class FusionClassifier(ContinualModule):
                     f"model.{key}: the checkpoint's model has {theirs!r}, this one {ours!r}; "
                     "use the config the checkpoint was trained with"
                 )
-        if isinstance(self.head, MoEHead):
-            self.head.restore(checkpoint.get("state_dict", {}), "head.")
+        self.restore_head(checkpoint)
 
     # -- evaluation -----------------------------------------------------------------------
     predict_top_k = DEFAULT_TOP_K  # set by PredictionWriter (--predictions.top_k)

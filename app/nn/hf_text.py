@@ -27,7 +27,7 @@ from mneme.app.core.errors import ConfigError
 from mneme.app.core.package_files import PREFIX, resolve_path
 from mneme.app.finetuning.adaptation import BackboneAdaptation
 from mneme.app.nn.backbones import file_digest
-from mneme.app.nn.modalities import encoder_type
+from mneme.app.nn.encoder_registry import encoder_type
 from torch import Tensor, nn
 
 FIELD = "model.encoders.text"

@@ -200,7 +200,7 @@ def categorical_labels(choices: Any, where: str) -> dict[Any, Any]:
 def parse_objective(spec: Any) -> Objective:
     """``None`` (average accuracy), a key, ``{key, direction}``, ``{weights, direction}``,
     or a list of these (multi-objective)."""
-    from mneme.callbacks.reporting.continual_metrics import MTIL_KEYS, SUMMARY_KEYS
+    from mneme.callbacks.reporting.accuracy_tables import MTIL_KEYS, SUMMARY_KEYS
 
     items = spec if isinstance(spec, list) else [spec if spec is not None else "average_accuracy"]
     terms, directions = [], []

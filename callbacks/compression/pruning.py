@@ -4,36 +4,33 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.protocols import Prunable, require
 from mneme.callbacks.base import ExperienceCallback
+from mneme.callbacks.compression.pruning_masks import (
+    LAYER_TYPES,
+    attention_out_projections,
+    cubic_sparsity,
+    head_sparsity_report,
+    is_excluded,
+    layer_sparsity_report,
+    mask_heads,
+    prunable_attention,
+    prunable_layers,
+    prune_heads_to,
+    prune_layers_to,
+    remove_pruning,
+    zero_pruned,
+)
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
 SCHEDULES = ("one_shot", "cubic")
 METHODS = ("unstructured", "structured", "heads")
 SCOPES = ("global", "layer")
-LAYER_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear,
-    "Conv1d": nn.Conv1d,
-    "Conv2d": nn.Conv2d,
-    "Conv3d": nn.Conv3d,
-}
 STATE_VERSION = 2  # 2: head masks
-
-
-def cubic_sparsity(target: float, step: int, steps: int, initial: float = 0.0) -> float:
-    """Zhu & Gupta (2017): ``s_t = s_f + (s_i - s_f) (1 - t/n)^3`` after step ``t`` of ``n``."""
-    return target + (initial - target) * (1 - step / steps) ** 3
-
-
-def layer_sparsity(module: nn.Module) -> float:
-    """Fraction of zeros of ``module.weight`` (the masked weight when pruned)."""
-    weight = module.weight
-    return float((weight == 0).sum()) / weight.numel()
 
 
 class Pruning(ExperienceCallback):
@@ -157,24 +154,14 @@ class Pruning(ExperienceCallback):
     # -- what is pruned -------------------------------------------------------------------
     def layers(self, pl_module: nn.Module) -> dict[str, nn.Module]:
         """The layers pruned, by name."""
-        kinds = tuple(LAYER_TYPES[t] for t in self.layer_types)
-        attention = _attention_out_projections(pl_module)
-        return {
-            name: m
-            for name, m in pl_module.named_modules()
-            if isinstance(m, kinds) and name and name not in attention and not self._excluded(name)
-        }
+        return prunable_layers(pl_module, self.layer_types, self.exclude)
 
     def _excluded(self, name: str) -> bool:
-        return any(name == e or name.startswith(e + ".") for e in self.exclude)
+        return is_excluded(name, self.exclude)
 
     def attention_layers(self, pl_module: nn.Module) -> dict[str, nn.MultiheadAttention]:
         """The attention modules whose heads ``heads`` prunes, by name."""
-        return {
-            name: m
-            for name, m in pl_module.named_modules()
-            if isinstance(m, nn.MultiheadAttention) and name and not self._excluded(name)
-        }
+        return prunable_attention(pl_module, self.exclude)
 
     def _check(self, layers: dict[str, nn.Module], attention: dict | None = None) -> None:
         if self.method == "heads":
@@ -217,80 +204,13 @@ class Pruning(ExperienceCallback):
         return cubic_sparsity(self.amount, experience - start + 1, steps)
 
     # -- masks ----------------------------------------------------------------------------
-    @torch.no_grad()
     def prune_to(self, pl_module: nn.Module, sparsity: float) -> None:
         """Prune the layers to ``sparsity`` (never un-pruning a weight)."""
         if self.method == "heads":
-            self._prune_heads(pl_module, sparsity)
+            prune_heads_to(self.attention_layers(pl_module), self.head_masks, sparsity, self.norm)
             return
         layers = self.layers(pl_module)
-        if self.method == "structured":
-            for m in layers.values():
-                slices = m.weight.shape[self.dim]
-                pruned = int(_mask(m).transpose(0, self.dim).flatten(1).eq(0).all(1).sum())
-                extra = round(sparsity * slices) - pruned
-                if extra > 0:
-                    prune.ln_structured(m, "weight", amount=extra, n=self.norm, dim=self.dim)
-        elif self.scope == "global":
-            total = sum(m.weight.numel() for m in layers.values())
-            pruned = sum(int((_mask(m) == 0).sum()) for m in layers.values())
-            extra = round(sparsity * total) - pruned
-            if extra > 0:
-                prune.global_unstructured(
-                    [(m, "weight") for m in layers.values()],
-                    pruning_method=prune.L1Unstructured,
-                    amount=extra,
-                )
-        else:
-            for m in layers.values():
-                extra = round(sparsity * m.weight.numel()) - int((_mask(m) == 0).sum())
-                if extra > 0:
-                    prune.l1_unstructured(m, "weight", amount=extra)
-        self._zero_pruned(layers)
-        self.masks = {
-            n: m.weight_mask.bool().cpu() for n, m in layers.items() if prune.is_pruned(m)
-        }
-
-    @torch.no_grad()
-    def _prune_heads(self, pl_module: nn.Module, sparsity: float) -> None:
-        # Hand-written: torch prune ranks slices of one tensor, and a head is three row
-        # blocks (q, k, v) of in_proj_weight plus its bias; the mask is built here and
-        # applied with prune.custom_from_mask, so removal and checkpoints work as for Linears.
-        for name, m in self.attention_layers(pl_module).items():
-            heads, dim = m.num_heads, m.head_dim
-            alive = self.head_masks.get(name, torch.ones(heads, dtype=torch.bool)).clone()
-            weight = m.in_proj_weight.detach().view(3, heads, dim, -1)
-            score = weight.abs().pow(self.norm).sum(dim=(0, 2, 3))  # L_n^n: same order
-            score = score.cpu().masked_fill(~alive, float("-inf"))
-            extra = round(sparsity * heads) - int((~alive).sum())
-            if extra > 0:
-                order = torch.argsort(score)  # pruned heads (-inf) first, then the weakest
-                alive[order[: int((~alive).sum()) + extra]] = False
-            self.head_masks[name] = alive
-            self._mask_heads(m, alive)
-
-    @staticmethod
-    @torch.no_grad()
-    def _mask_heads(m: nn.MultiheadAttention, alive: Tensor) -> None:
-        rows = alive.to(m.in_proj_weight.device).repeat_interleave(m.head_dim).repeat(3)
-        for param in ("in_proj_weight", "in_proj_bias"):
-            if getattr(m, param) is None:
-                continue
-            if prune.is_pruned(m) and hasattr(m, param + "_mask"):
-                prune.remove(m, param)  # the new mask replaces (and contains) the old one
-            shape = getattr(m, param).shape
-            mask = rows.view(-1, *([1] * (len(shape) - 1))).expand(shape).float()
-            prune.custom_from_mask(m, param, mask)
-            getattr(m, param + "_orig").mul_(mask)
-
-    @staticmethod
-    @torch.no_grad()
-    def _zero_pruned(layers: dict[str, nn.Module]) -> None:
-        # Pruned weights zero in `weight_orig` too: the plain state_dict written at a
-        # checkpoint (weight_orig * mask) then equals weight_orig, and a resume is exact.
-        for m in layers.values():
-            if prune.is_pruned(m):
-                m.weight_orig.mul_(m.weight_mask)
+        self.masks = prune_layers_to(layers, sparsity, self.method, self.scope, self.dim, self.norm)
 
     def apply_masks(self, pl_module: nn.Module) -> None:
         """Re-apply the stored masks (after a restore) with ``prune.custom_from_mask``."""
@@ -302,39 +222,25 @@ class Pruning(ExperienceCallback):
             m = layers[name]
             if not prune.is_pruned(m):
                 prune.custom_from_mask(m, "weight", mask.to(m.weight.device))
-        self._zero_pruned(layers)
+        zero_pruned(layers)
         attention = self.attention_layers(pl_module)
         missing = [n for n in self.head_masks if n not in attention]
         if missing:
             raise ConfigError(f"Pruning: the model lacks the pruned attention {missing[:5]}")
         for name, alive in self.head_masks.items():
             if not prune.is_pruned(attention[name]):
-                self._mask_heads(attention[name], alive)
+                mask_heads(attention[name], alive)
 
     def remove(self, pl_module: nn.Module) -> None:
         """``prune.remove`` on every pruned layer: plain ``weight`` Parameters, zeros kept."""
-        for m in self.layers(pl_module).values():
-            if prune.is_pruned(m):
-                prune.remove(m, "weight")
-        for m in self.attention_layers(pl_module).values():
-            for param in ("in_proj_weight", "in_proj_bias"):
-                if hasattr(m, param + "_mask"):
-                    prune.remove(m, param)
+        remove_pruning(self.layers(pl_module), self.attention_layers(pl_module))
 
     def report(self, pl_module: nn.Module) -> dict[str, float]:
         """Sparsity per layer (``prune/<layer>``) and over all pruned layers (``heads``: the
         fraction of each attention's heads, and over all of them)."""
         if self.method == "heads":
-            out = {f"prune/{n}": 1 - float(a.float().mean()) for n, a in self.head_masks.items()}
-            total = sum(len(a) for a in self.head_masks.values())
-            dead = sum(int((~a).sum()) for a in self.head_masks.values())
-            out["prune/heads"] = dead / max(total, 1)
-            return out
-        layers = self.layers(pl_module)
-        out = {f"prune/{n}": layer_sparsity(m) for n, m in layers.items()}
-        zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-        out["prune/sparsity"] = zeros / max(sum(m.weight.numel() for m in layers.values()), 1)
-        return out
+            return head_sparsity_report(self.head_masks)
+        return layer_sparsity_report(self.layers(pl_module))
 
     def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         """The sparsity the run ends with, printed under the accuracy matrix
@@ -356,7 +262,7 @@ class Pruning(ExperienceCallback):
         self._check(self.layers(pl_module), self.attention_layers(pl_module))
         skipped = [
             n
-            for n in _attention_out_projections(pl_module)
+            for n in attention_out_projections(pl_module)
             if not self._excluded(n) and self.method != "heads"
         ]
         if skipped:
@@ -390,11 +296,12 @@ class Pruning(ExperienceCallback):
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         # torch prune's `weight_orig` + `weight_mask` become the plain `weight` (equal to
-        # weight_orig, see _zero_pruned); the masks travel in this callback's state. This is
-        # what Lightning's ModelPruning writes (its `_make_pruning_permanent_on_state_dict`,
-        # private, over every `_mask` key); neither torch nor Lightning has a public call
-        # for a permanent *copy* of a pruned state dict, and `prune.remove` (the public
-        # permanence, used at fit end and by `mneme export`) would end the pruning in place.
+        # weight_orig, see pruning_masks.zero_pruned); the masks travel in this callback's
+        # state. This is what Lightning's ModelPruning writes (its
+        # `_make_pruning_permanent_on_state_dict`, private, over every `_mask` key); neither
+        # torch nor Lightning has a public call for a permanent *copy* of a pruned state
+        # dict, and `prune.remove` (the public permanence, used at fit end and by
+        # `mneme export`) would end the pruning in place.
         state = checkpoint.get("state_dict")
         if state is None:
             return
@@ -436,15 +343,3 @@ class Pruning(ExperienceCallback):
         self.head_masks = dict(state_dict.get("head_masks", {}))  # version 1 had none
         self.steps_done = list(state_dict["steps_done"])
         self.sparsity = float(state_dict["sparsity"])
-
-
-def _attention_out_projections(module: nn.Module) -> set[str]:
-    return {
-        f"{name}.out_proj" if name else "out_proj"
-        for name, m in module.named_modules()
-        if isinstance(m, nn.MultiheadAttention)
-    }
-
-
-def _mask(module: nn.Module) -> Tensor:
-    return module.weight_mask if prune.is_pruned(module) else torch.ones_like(module.weight)

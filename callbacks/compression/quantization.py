@@ -267,7 +267,7 @@ class Quantization(ExperienceCallback):
     def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         """The int8 copy's accuracy matrix, printed under the float one
         (``ContinualMetrics``; the ``quantized`` part of quantized_metrics.json)."""
-        from mneme.callbacks.reporting.continual_metrics import format_matrix
+        from mneme.callbacks.reporting.accuracy_tables import format_matrix
 
         title = f"Int8 accuracy matrix ({self.mode}; row: after training experience k)"
         summary = _summary(self.quantized_rows)

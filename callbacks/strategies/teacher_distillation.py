@@ -139,9 +139,9 @@ class TeacherDistillation(ExperienceCallback):
                     f"{type(teacher).__name__}'s"
                 )
         elif self.teacher_open_clip is not None:
-            from mneme.app.nn.modalities import ENCODER_TYPES
+            from mneme.app.nn.encoder_registry import encoder_class
 
-            teacher = ENCODER_TYPES["open_clip_visual"](
+            teacher = encoder_class("open_clip_visual")(
                 None, model=self.teacher_open_clip, weights=self.teacher_open_clip_weights
             )
         else:

@@ -21,14 +21,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.metrics import summarize
-from mneme.app.core.protocols import Batch, ZeroShotClassifier, require
+from mneme.app.core.protocols import SOFT_LABEL, Batch, ZeroShotClassifier, require
 from mneme.app.core.seeding import derive_seed, run_seed
 from mneme.app.nn.attacks import check_attack, classification_loss, pgd
 from mneme.callbacks.base import ExperienceCallback
 from mneme.callbacks.run_context import input_normalization, write_json
-from mneme.callbacks.training.augmentation import (
+from mneme.callbacks.training.batch_augmentation import (
     APPLY_TO,
-    SOFT_LABEL,
     check_current_rows,
     current_rows,
 )
@@ -289,7 +288,7 @@ class RobustAccuracy(ExperienceCallback):
     def report_lines(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
         """The robust matrix, printed under the clean one (``ContinualMetrics``; the
         content of ``<name>_metrics.json``)."""
-        from mneme.callbacks.reporting.continual_metrics import format_matrix
+        from mneme.callbacks.reporting.accuracy_tables import format_matrix
 
         a = self.attack
         attack = f"PGD-{a.steps}, {a.norm} eps {a.eps:g}" if a.steps > 1 else f"FGSM eps {a.eps:g}"

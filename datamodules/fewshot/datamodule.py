@@ -6,102 +6,36 @@ The stream is named and built exactly as there (``benchmark``, ``benchmark_args`
 train/test rows, separate meta-train, meta-validation and meta-test: the pool of a split is
 every sample of its classes, in the train and the test stream alike (the usual few-shot
 protocol: a class is meta-train or meta-test as a whole). The episode machinery is in
-:mod:`mneme.datamodules.fewshot.episodes`.
+:mod:`mneme.datamodules.fewshot.episodes`, the loaders' dataset and sampler in
+:mod:`mneme.datamodules.fewshot.meta_batch_dataset`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
 from mneme.app.core.errors import ConfigError
 from mneme.app.core.seeding import run_seed
 from mneme.datamodules.continual import ContinualDataModule
 from mneme.datamodules.data.device_transfer import FlatBatchTransfer
 from mneme.datamodules.data.experiences import fixed_generator
-from mneme.datamodules.data.tensor_batches import EpochSampler
 from mneme.datamodules.fewshot.episodes import (
     NOT_SERVED,
     EpisodeSampler,
     SamplePool,
     check_class_splits,
     check_episode_counts,
-    episode_batch,
-    episode_seed,
-    rank_episodes,
 )
-from torch.utils.data import DataLoader, Dataset
+from mneme.datamodules.fewshot.meta_batch_dataset import EpochKeys, MetaBatches
+from torch.utils.data import DataLoader
 
 SPLIT_FIELDS = {
     "train": "data.meta_train_classes",
     "val": "data.meta_val_classes",
     "test": "data.meta_test_classes",
 }
-
-
-class MetaBatches(Dataset):
-    """One rank's meta-batches of one split and setting: item ``(epoch, b)`` is meta-batch
-    ``b`` (``tasks_per_batch`` episodes) of ``epoch`` (ignored by evaluation splits).
-
-    Episode ``i`` is drawn from its own generator, seeded by :func:`episode_seed` from
-    ``(seed, split, key, i)``; ``key`` is ``(epoch,)`` for training and the setting
-    ``(n_way, k_shot, q_queries)`` for evaluation. ``episodes`` and ``padded`` are this
-    rank's episode indices (:func:`rank_episodes`).
-    """
-
-    def __init__(
-        self,
-        pool: SamplePool,
-        sampler: EpisodeSampler,
-        fields: Sequence[str],
-        split: str,
-        setting: tuple[int, int, int],
-        seed: int,
-        num_episodes: int,
-        tasks_per_batch: int,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.pool, self.sampler, self.fields = pool, sampler, list(fields)
-        self.split, self.setting, self.seed = split, setting, seed
-        self.tasks_per_batch = tasks_per_batch
-        pad = "fresh" if split == "train" else "repeat"
-        self.episodes, self.padded = rank_episodes(num_episodes, rank, world_size, pad)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.episodes) / self.tasks_per_batch)
-
-    def episode(self, index: int, epoch: int = 0):
-        """Episode ``index``: ``(support_index, query_index, classes)`` into the pool."""
-        key = (epoch,) if self.split == "train" else self.setting
-        generator = torch.Generator().manual_seed(episode_seed(self.seed, self.split, key, index))
-        return self.sampler.sample(*self.setting, generator)
-
-    def __getitem__(self, item: tuple[int, int] | int) -> dict:
-        epoch, b = item if isinstance(item, tuple) else (0, item)
-        span = slice(b * self.tasks_per_batch, (b + 1) * self.tasks_per_batch)
-        ids = self.episodes[span]
-        batch = episode_batch(self.pool, [self.episode(i, epoch) for i in ids], self.fields)
-        batch["episode"] = torch.tensor(ids, dtype=torch.long)
-        batch["padded"] = torch.tensor(self.padded[span], dtype=torch.bool)
-        return batch
-
-
-class _EpochKeys(EpochSampler):
-    """Yields ``(epoch, b)`` keys, the epoch read when iteration starts (Lightning's running
-    epoch then, so a loader built once serves fresh episodes every epoch). A
-    ``DistributedSampler`` subclass so that Lightning keeps it under DDP."""
-
-    def __init__(self, num_batches: int, epoch: Callable[[], int]) -> None:
-        super().__init__(torch.arange(num_batches))
-        self.epoch = epoch
-
-    def __iter__(self):
-        epoch = self.epoch()
-        return iter([(epoch, b) for b in range(len(self))])
 
 
 class EpisodicDataModule(FlatBatchTransfer, LightningDataModule):
@@ -392,7 +326,7 @@ class EpisodicDataModule(FlatBatchTransfer, LightningDataModule):
         return DataLoader(
             batches,
             batch_size=None,
-            sampler=_EpochKeys(len(batches), epoch),
+            sampler=EpochKeys(len(batches), epoch),
             num_workers=self.num_workers,
             generator=fixed_generator(),
             persistent_workers=False,

@@ -1,14 +1,8 @@
 """Gradient-based meta-learning over a distribution of few-shot tasks: MAML (second order),
 first-order MAML and Reptile, on any Mneme encoder.
 
-Why ``torch.func`` and no meta-learning library: ``higher`` (archived by its authors) and
-``learn2learn`` (no longer maintained) clone or monkey-patch modules to make them
-functional, which breaks with newer PyTorch and timm models; PyTorch itself now has what
-they offered: :func:`torch.func.functional_call` runs the encoder on a
-dict of "fast" weights without copying or patching modules, and :func:`torch.func.grad`
-differentiates the inner loss w.r.t. that dict; the returned gradients stay differentiable
-at the outer level, so MAML's second-order term comes from PyTorch's own autograd. Any timm
-model works unchanged (batch norm buffers and in-place ReLUs included).
+The functional inner loop (fast weights on :func:`torch.func.functional_call`, why no
+meta-learning library) lives in :mod:`mneme.app.models.fewshot.maml_inner_loop`.
 
 One meta-training step, on a meta-batch of ``T`` tasks (the batch contract of
 :class:`mneme.datamodules.fewshot.episodes.EpisodicDataModule`: ``support``/``query`` dicts of
@@ -36,14 +30,8 @@ DDP: the inner loop runs :func:`functional_call` on the plain module, not throug
 disarms it for manual optimization anyway). The one all-reduce of the meta-gradients is
 :meth:`MetaLearner._set_meta_gradients`. The episodic datamodule shards tasks across ranks.
 Batch-norm running statistics are updated by each rank on its own tasks and not synced
-(they are unused with the default transductive batch norm, see below).
-
-Batch norm: as in MAML's reference implementation, batch norm normalizes with the batch
-statistics of the set it sees (support during adaptation, query for the outer loss and for
-evaluation: transductive over the query set). The running buffers are passed as given to
-:func:`functional_call` and updated during meta-training; evaluation runs batch norm layers
-in train mode on copies of the buffers (``transductive_batch_norm: false`` evaluates with the
-running statistics instead).
+(they are unused with the default transductive batch norm, see
+:mod:`~mneme.app.models.fewshot.maml_inner_loop`).
 
 Mixed precision: Lightning runs ``training_step``/``validation_step`` inside the precision
 plugin's autocast, so the inner and outer forward passes run in ``bf16``/``fp16`` where it
@@ -81,7 +69,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -89,17 +76,25 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from mneme.app.core.errors import ConfigError
+from mneme.app.models.fewshot.maml_inner_loop import (
+    Weights,
+    batch_statistics_norm,
+    detach_weights,
+    episode_tensors,
+    float32_logits,
+    functional_logits,
+    inner_loop,
+    non_finite_loss_error,
+    weight_leaves,
+    zero_head_start,
+)
 from mneme.app.nn.backbones import create_backbone
 from mneme.app.nn.encoders import feature_dim
 from torch import Tensor, nn
-from torch.func import functional_call, grad
 from torchmetrics import CatMetric
 
 ALGORITHMS = ("maml", "fomaml", "reptile")
 HEAD_INITS = ("learned", "zero")
-
-# fast weights: {"encoder": {name: tensor}, "head": {"weight": ..., "bias": ...}}
-Weights = dict[str, dict[str, Tensor]]
 
 
 class MetaLearner(LightningModule):
@@ -178,7 +173,7 @@ class MetaLearner(LightningModule):
         hp = self.hparams
         self.hparams.update(input_shape=input_shape, n_way=n_way)
         self.n_way = n_way
-        from mneme.app.nn.modalities import field_front_end
+        from mneme.app.nn.log_mel import field_front_end
 
         # audio through the log-mel front end, as the aligner's audio tower
         front_end = field_front_end(
@@ -230,25 +225,14 @@ class MetaLearner(LightningModule):
         """A task's initial fast weights: ``theta``, with a zero head under ``head_init: zero``."""
         if self.head is not None:
             return theta
-        p = next(iter(theta["encoder"].values()))
-        zeros = {
-            "weight": p.new_zeros(n_way, self.width).detach(),
-            "bias": p.new_zeros(n_way).detach(),
-        }
-        return {"encoder": theta["encoder"], "head": zeros}
+        return zero_head_start(theta, n_way, self.width)
 
     def logits(self, weights: Weights, buffers: dict[str, Tensor], x: Tensor) -> Tensor:
-        features = functional_call(self.encoder, (weights["encoder"], buffers), (x,))
-        head = weights["head"]
-        return F.linear(features, head["weight"], head["bias"])
+        return functional_logits(self.encoder, weights, buffers, x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of the meta-learned initialization (before any adaptation)."""
         return self.head(self.encoder(x))
-
-    def _support_loss(self, weights: Weights, buffers, x: Tensor, y: Tensor):
-        loss = F.cross_entropy(_wide(self.logits(weights, buffers, x)), y)
-        return loss, loss.detach()
 
     def adapt(
         self,
@@ -260,28 +244,18 @@ class MetaLearner(LightningModule):
         second_order: bool,
         n_way: int,
     ) -> tuple[Weights, list[Tensor]]:
-        """``steps`` SGD steps of ``inner_lr`` on ``(x, y)`` from ``theta``: the fast weights
-        and the support loss before each step. ``second_order``: the inner gradients stay
-        differentiable w.r.t. ``theta`` (MAML); else they are constants (the fast weights
-        still depend on ``theta`` with an identity Jacobian: first-order MAML)."""
-        inner_grad = grad(self._support_loss, has_aux=True)
-        fast, losses = self._start(theta, n_way), []
-        for _ in range(steps):
-            at = fast if second_order else _detached(fast)
-            grads, loss = inner_grad(at, buffers, x, y)
-            losses.append(loss)
-            fast = {
-                part: {k: w - self.inner_lr * grads[part][k] for k, w in fast[part].items()}
-                for part in fast
-            }
-        return fast, losses
+        """:func:`~mneme.app.models.fewshot.maml_inner_loop.inner_loop` on this module's
+        encoder and ``inner_lr``, from ``theta`` (with a zero ``n_way`` head under
+        ``head_init: zero``): the fast weights and the support loss before each step."""
+        start = self._start(theta, n_way)
+        return inner_loop(self.encoder, start, buffers, x, y, steps, self.inner_lr, second_order)
 
     # -- meta-training --------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        support, s_label, query, q_label = _episodes(batch, self.input_key)
+        support, s_label, query, q_label = episode_tensors(batch, self.input_key)
         tasks, n_way = s_label.shape[0], self._n_way(batch)
         theta = self.meta_parameters()
-        leaves = _leaves(theta)
+        leaves = weight_leaves(theta)
         sums = [torch.zeros_like(p) for p in leaves]
         buffers = dict(self.encoder.named_buffers())
         inner_losses, query_losses, correct = [], [], []
@@ -290,10 +264,10 @@ class MetaLearner(LightningModule):
             if self.algorithm == "reptile":
                 with torch.no_grad():
                     fast, losses = self.adapt(
-                        _detached(theta), buffers, support[t], s_label[t], self.inner_steps,
+                        detach_weights(theta), buffers, support[t], s_label[t], self.inner_steps,
                         False, n_way,
                     )  # fmt: skip
-                    logits = _wide(self.logits(fast, buffers, query[t]))
+                    logits = float32_logits(self.logits(fast, buffers, query[t]))
                     loss = F.cross_entropy(logits, q_label[t])
                     # theta - phi over the meta-learned weights (a zero head is not one)
                     shift = [theta[part][k] - fast[part][k] for part in theta for k in theta[part]]
@@ -302,7 +276,7 @@ class MetaLearner(LightningModule):
                 fast, losses = self.adapt(
                     theta, buffers, support[t], s_label[t], self.inner_steps, second_order, n_way
                 )
-                logits = _wide(self.logits(fast, buffers, query[t]))
+                logits = float32_logits(self.logits(fast, buffers, query[t]))
                 loss = F.cross_entropy(logits, q_label[t])
                 task_grads = torch.autograd.grad(self._scale(loss), leaves, allow_unused=True)
             for total, g in zip(sums, task_grads, strict=True):
@@ -345,36 +319,15 @@ class MetaLearner(LightningModule):
         if self.trainer.world_size > 1:
             flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
         if flat[-1].item() > 0:
-            raise self._non_finite_error(losses)
+            trainer = self.trainer  # one line naming the field and the fix
+            raise non_finite_loss_error(
+                losses, self.inner_lr, trainer.global_rank, trainer.world_size
+            )
         total, offset = flat[-2], 0
         for p in leaves:
             n = p.numel()
             p.grad = (flat[offset : offset + n] / total).view_as(p).to(p.dtype)
             offset += n
-
-    def _non_finite_error(self, losses: Tensor) -> ConfigError:
-        """One line naming the field and the fix, for the first non-finite loss; step ``s``
-        is the loss after ``s`` inner updates (step ``inner_steps``: the query loss)."""
-        lr = f"inner_lr {self.inner_lr:g}"
-        bad = (~torch.isfinite(losses)).nonzero()
-        if len(bad) == 0:
-            return ConfigError(
-                f"model.inner_lr: the inner loop's loss became non-finite on another process "
-                f"with {lr}; lower it"
-            )
-        task, step = (int(v) for v in bad[0])
-        value = float(losses[task, step])
-        rank = f" on process {self.trainer.global_rank}" if self.trainer.world_size > 1 else ""
-        if step == 0:
-            return ConfigError(
-                f"model.optimizer: the loss was already {value} before any inner step (task "
-                f"{task}{rank}): the meta-parameters or inputs are not finite; lower the outer "
-                "learning rate or check the data"
-            )
-        return ConfigError(
-            f"model.inner_lr: the inner loop's loss became {value} at step {step} of task "
-            f"{task}{rank} with {lr}; lower it"
-        )
 
     # -- evaluation -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -427,10 +380,16 @@ class MetaLearner(LightningModule):
                 f"data.eval_settings: a {n_way}-way episode meets a head of n_way "
                 f"{self.n_way}; evaluate {self.n_way}-way tasks, or set model.head_init: zero"
             )
-        with torch.inference_mode(False), torch.enable_grad(), self._eval_batch_norm():
-            support, s_label, query, q_label = (v.clone() for v in _episodes(batch, self.input_key))
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            batch_statistics_norm(self.encoder, self.hparams.transductive_batch_norm),
+        ):
+            support, s_label, query, q_label = (
+                v.clone() for v in episode_tensors(batch, self.input_key)
+            )
             buffers = {k: b.clone() for k, b in self.encoder.named_buffers()}
-            theta = _detached(self.meta_parameters())
+            theta = detach_weights(self.meta_parameters())
             accuracies = []
             for t in range(s_label.shape[0]):
                 fast, _ = self.adapt(
@@ -441,53 +400,6 @@ class MetaLearner(LightningModule):
                 accuracies.append((logits.argmax(-1) == q_label[t]).float().mean())
             return torch.stack(accuracies).detach()
 
-    @contextmanager
-    def _eval_batch_norm(self):
-        """Batch norm layers in train mode (batch statistics) for transductive evaluation."""
-        norms = []
-        if self.hparams.transductive_batch_norm:
-            norms = [
-                m
-                for m in self.encoder.modules()
-                if isinstance(m, nn.modules.batchnorm._NormBase) and not m.training
-            ]
-        for m in norms:
-            m.train()
-        try:
-            yield
-        finally:
-            for m in norms:
-                m.eval()
-
     def _n_way(self, batch: dict) -> int:
         classes = batch.get("classes")
         return int(classes.shape[1]) if classes is not None else self.n_way
-
-
-def _episodes(batch: dict, key: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    try:
-        return (
-            batch["support"][key],
-            batch["support_label"],
-            batch["query"][key],
-            batch["query_label"],
-        )
-    except KeyError as err:
-        raise ConfigError(
-            f"model.input_key: the meta-batch has no {err}; an episodic batch holds "
-            f"support[{key!r}], support_label, query[{key!r}] and query_label (set input_key "
-            "to the field the encoder reads)"
-        ) from None
-
-
-def _wide(logits: Tensor) -> Tensor:
-    """Half-precision logits (under autocast) in float32 for the loss; others unchanged."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _detached(weights: Weights) -> Weights:
-    return {part: {k: w.detach() for k, w in ws.items()} for part, ws in weights.items()}
-
-
-def _leaves(weights: Weights) -> list[Tensor]:
-    return [w for part in weights.values() for w in part.values()]

@@ -101,7 +101,7 @@ class PrototypicalNetwork(LightningModule):
     def _build(self, input_shape: tuple[int, ...]) -> None:
         hp = self.hparams
         self.hparams.update(input_shape=list(input_shape), input_key=self.input_key)
-        from mneme.app.nn.modalities import field_front_end
+        from mneme.app.nn.log_mel import field_front_end
 
         image_only = {
             "model.encoder_pretrained": hp.encoder_pretrained,

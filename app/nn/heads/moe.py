@@ -247,7 +247,18 @@ class MoEHead(nn.Module):
             self.routing_counts += self._last_counts.to(self.routing_counts)
         return {BALANCE_OUTPUT: self.last_balance_loss}
 
-    # -- the host's experience hooks ------------------------------------------------------
+    # -- the host's hooks (mneme.app.nn.heads.lifecycle.HeadLifecycle) --------------------
+    def add_loss_terms(self, module: Any) -> None:
+        """Register the load-balancing loss as the module's loss term ``moe_balance`` (once);
+        the term reads the loss the training step's outputs carry."""
+        if BALANCE_OUTPUT in module.loss_terms:
+            return
+
+        def term(batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor:
+            return self.balance_weight * outputs[BALANCE_OUTPUT]
+
+        module.add_loss_term(BALANCE_OUTPUT, term)
+
     def start_experience(self, experience: int, optimizers: Sequence[Any], first_epoch: bool):
         """Grow to the generations ``experience`` needs (each new one becomes a parameter
         group of the running optimizer); clear the routing counts at its first epoch."""
@@ -312,23 +323,3 @@ class MoEHead(nn.Module):
                     bucket_counts=counts.tolist(),
                     global_step=experience,
                 )
-
-
-def moe_param_groups(module: nn.Module, head: MoEHead) -> list[dict[str, Any]]:
-    """The module's trainable parameters outside ``head`` in one group, then one group per
-    expert generation (see :meth:`MoEHead.param_groups`)."""
-    inside = {id(p) for p in head.parameters()}
-    rest = [p for p in module.parameters() if p.requires_grad and id(p) not in inside]
-    return ([{"params": rest}] if rest else []) + head.param_groups()
-
-
-def add_balance_term(module: Any, head: MoEHead) -> None:
-    """Register ``head``'s load-balancing loss as the module's loss term ``moe_balance``
-    (once); the term reads the loss the training step's outputs carry."""
-    if BALANCE_OUTPUT in module.loss_terms:
-        return
-
-    def term(batch: dict[str, Any], outputs: dict[str, Any]) -> Tensor:
-        return head.balance_weight * outputs[BALANCE_OUTPUT]
-
-    module.add_loss_term(BALANCE_OUTPUT, term)
