@@ -3,7 +3,7 @@
 Exports resolve lazily (PEP 562) so that ``mneme --help`` does not import Lightning.
 """
 
-import importlib
+from mneme.app.core.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "ContinualClassifier": "mneme.app.models.classifier",
@@ -24,12 +24,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

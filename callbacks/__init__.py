@@ -9,7 +9,7 @@ non-finite loss, CPU threads). ``base`` holds :class:`ExperienceCallback`.
 Exports resolve lazily (PEP 562): importing one callback module loads that one only.
 """
 
-import importlib
+from mneme.app.core.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "AdversarialTraining": "mneme.callbacks.training.adversarial",
@@ -45,12 +45,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

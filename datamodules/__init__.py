@@ -4,7 +4,7 @@ Exports resolve lazily (PEP 562): ``mneme.app.core.errors`` and ``schedule`` are
 and importing them (the CLI does, for ``mneme --help``) must not import Avalanche.
 """
 
-import importlib
+from mneme.app.core.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "CSVCaptions": "mneme.datamodules.streams.csv_captions",
@@ -32,12 +32,4 @@ _EXPORTS = {
 }
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
