@@ -175,7 +175,7 @@ def test_each_ddp_failure_is_one_line_naming_the_fix(case, expected):
 
 def test_a_moe_head_gets_unused_parameter_detection_and_an_explicit_choice_is_kept():
     from mneme.app import ContinualClassifier
-    from mneme.app.cli.parser import ddp_with_timeout
+    from mneme.app.cli.commands import ddp_with_timeout
 
     moe = ContinualClassifier(head={"name": "moe", "num_experts": 2, "top_k": 1})
     assert ddp_with_timeout("ddp", moe)._ddp_kwargs["find_unused_parameters"] is True

@@ -19,7 +19,7 @@ def test_the_lightning_cli_methods_mneme_overrides_keep_their_signature():
 
     for name, signature in private_api.LIGHTNING_CLI_OVERRIDES.items():
         method = getattr(LightningCLI, name, None)
-        assert method is not None, f"LightningCLI.{name} is gone: see mneme.app.cli.parser"
+        assert method is not None, f"LightningCLI.{name} is gone: see mneme.app.cli.lightning_cli"
         assert str(inspect.signature(method)) == signature, f"LightningCLI.{name} changed"
 
 

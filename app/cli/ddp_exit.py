@@ -6,7 +6,7 @@ reduce). What this module adds is that no process outlives the failure:
 
 - a killed or crashed peer is seen at once (gloo/NCCL close the connection);
 - a stopped or hung peer is seen when the collective times out, after ``MNEME_DDP_TIMEOUT``
-  seconds (600 by default; :func:`mneme.app.cli.parser.ddp_with_timeout`);
+  seconds (600 by default; :func:`mneme.app.cli.commands.ddp_with_timeout`);
 - then the failing process kills what would be left behind: every process it started (rank
   0 starts the other ranks; Lightning's own watcher kills rank 0 only when a child *exits*,
   within 5 s, and never sees a stopped one), and a launching rank 0 that is stopped (no

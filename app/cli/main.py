@@ -13,18 +13,18 @@ import threading
 import traceback
 import warnings
 
-from mneme.app.cli.ddp_exit import end_failed_ddp_run, in_ddp_run
-from mneme.app.cli.error_mode import debug_mode, rank_zero_error
-from mneme.app.cli.lazy_imports import defer_unused_imports
-from mneme.app.cli.option_keys import first_unknown_option
-from mneme.app.cli.parser import (
+from mneme.app.cli.commands import (
     FEWSHOT,
     INTERRUPT_STATUS,
     SUBCOMMANDS,
     USAGE,
     RunInterrupted,
-    build_cli,
 )
+from mneme.app.cli.ddp_exit import end_failed_ddp_run, in_ddp_run
+from mneme.app.cli.error_mode import debug_mode, rank_zero_error
+from mneme.app.cli.lazy_imports import defer_unused_imports
+from mneme.app.cli.option_keys import first_unknown_option
+from mneme.app.cli.parser import build_cli
 from mneme.app.cli.run_folders import release_claims
 from mneme.app.core.errors import MnemeError
 from mneme.app.core.threads import prefer_passive_openmp_wait

@@ -10,7 +10,7 @@ Structure first, text only where there is none: jsonargparse 4.53 raises
 no key, no value: the chained causes are ``TypeError``/``ValueError``/``NSKeyError`` that
 carry text only), so the key, the class path and the reasons below are read from its
 English message. The option names a misspelling is compared with come from the parser's
-public ``get_defaults()`` (see ``mneme.app.cli.parser.known_keys``).
+public ``get_defaults()`` (see ``mneme.app.cli.commands.known_keys``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import argparse
 import sys
 from typing import Any
 
-from mneme.app.cli.parser import RunInterrupted, build_cli
+from mneme.app.cli.commands import RunInterrupted
+from mneme.app.cli.parser import build_cli
 from mneme.app.cli.raw_config import walk
 from mneme.app.cli.run_folders import release_claims
 from mneme.app.core.errors import ConfigError, MnemeError

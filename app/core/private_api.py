@@ -5,8 +5,8 @@ missing; ``tests/test_private_api.py`` checks every one against the pinned versi
 (``lightning>=2.6,<2.7``, ``torch>=2.14.1,<2.15``) and fails loudly, naming the entry, when an
 upgrade changes it. No Lightning import here: the functions take the objects they read.
 
-The two private ``LightningCLI`` methods ``mneme.app.cli.parser`` overrides are listed in
-:data:`LIGHTNING_CLI_OVERRIDES` (an override cannot sit behind a function).
+The two private ``LightningCLI`` methods ``mneme.app.cli.lightning_cli.MnemeCLI`` overrides are
+listed in :data:`LIGHTNING_CLI_OVERRIDES` (an override cannot sit behind a function).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported where it is used: the CLI's --help loads 
 
 T = TypeVar("T")
 
-# LightningCLI methods ``mneme.app.cli.parser.build_cli`` overrides, with why and the
+# LightningCLI methods ``mneme.app.cli.lightning_cli.MnemeCLI`` overrides, with why and the
 # signature they have in Lightning 2.6.
 LIGHTNING_CLI_OVERRIDES = {
     # Lightning merges the checkpoint's hyper_parameters into the config here, and their
