@@ -262,7 +262,13 @@ def test_model_and_model_config_are_exclusive(tokenizer_dir):
 
 
 # -- the offline configs reproduce their headers ----------------------------------------------
-LM_CONFIGS = ("lm_domains_lora", "lm_domains_olora", "lm_domains_ewc")
+# The LoRA + replay quickstart in every run; O-LoRA and EWC (about 20 s each on one thread)
+# under `pytest -m slow`, as the other non-quick configs of tests/test_expected_results.py.
+LM_CONFIGS = (
+    "lm_domains_lora",
+    pytest.param("lm_domains_olora", marks=pytest.mark.slow),
+    pytest.param("lm_domains_ewc", marks=pytest.mark.slow),
+)
 PERPLEXITY_EXPECTED = re.compile(
     r"perplexity: average (?P<average_perplexity>\d+\.\d+),\s*#?\s*forgetting "
     r"(?P<perplexity_forgetting>-?\d+\.\d+), general rise (?P<general_perplexity_rise>-?\d\.\d+)"
