@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from mneme.app.cli.export_command import export, load_model, parse_args
-from mneme.app.compress.export import export_program, logits_module, remove_pruning
+from mneme.app.compress.export import export_program, logits_module
+from mneme.app.compress.quantize import remove_pruning
 from mneme.app.core.errors import ConfigError
 
 needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft absent")

@@ -17,6 +17,7 @@ Nothing here imports more than the standard library.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -47,6 +48,7 @@ def cache_folder() -> Path:
     return Path(root) / "mneme" / "options"
 
 
+@functools.cache  # once a process: the early check and the parse's record both need it
 def fingerprint() -> str:
     """What the recorded option names depend on: Mneme's source files and the libraries'
     versions (a file edited or a library upgraded gives another fingerprint)."""

@@ -60,6 +60,7 @@ from mneme.app.compress.export_quantization import (
     quantize_onnx,
     quantize_target,
 )
+from mneme.app.compress.quantize import remove_pruning
 from mneme.app.core.errors import ConfigError
 
 __all__ = [
@@ -74,7 +75,6 @@ __all__ = [
     "make_plain",
     "merge_adapters",
     "output_paths",
-    "remove_pruning",
     "target_of",
 ]
 
@@ -168,22 +168,6 @@ def merge_adapters(model: Any) -> int:
         if isinstance(adaptation, BackboneAdaptation) and adaptation.backbone is module:
             merged += int(adaptation.merge_and_unload())
     return merged
-
-
-def remove_pruning(model: Any) -> int:
-    """Make every ``torch.nn.utils.prune`` re-parametrization permanent (torch's
-    ``prune.remove``: ``weight = weight_orig * weight_mask``); returns how many."""
-    from torch.nn.utils import prune
-
-    removed = 0
-    for module in list(model.modules()):
-        if not prune.is_pruned(module):
-            continue
-        for name, _ in list(module.named_parameters(recurse=False)):
-            if name.endswith("_orig") and hasattr(module, name.removesuffix("_orig") + "_mask"):
-                prune.remove(module, name.removesuffix("_orig"))
-                removed += 1
-    return removed
 
 
 def make_plain(model: Any) -> Any:

@@ -217,14 +217,16 @@ def detach_pruned_weights(module: nn.Module) -> nn.Module:
     return module
 
 
-def remove_pruning(module: nn.Module) -> nn.Module:
+def remove_pruning(module: nn.Module) -> int:
     """``prune.remove`` every torch-prune parametrization in ``module``, in place: the masked
-    weights become plain Parameters (zeros kept), which quantizers and exporters need."""
+    weights become plain Parameters (zeros kept), which quantizers and exporters need;
+    returns how many were made permanent."""
     from torch.nn.utils import prune
 
-    for m, name, _ in list(pruning_methods(module)):
+    methods = list(pruning_methods(module))
+    for m, name, _ in methods:
         prune.remove(m, name)
-    return module
+    return len(methods)
 
 
 def prepare_qat(module: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
